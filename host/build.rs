@@ -1,0 +1,73 @@
+//! Builds the example task components and the test fixtures for `wasm32-wasip2`, so that a plain
+//! `cargo build` or `cargo test` leaves ready-to-load `.wasm` files in `target/tasks` and
+//! `target/fixtures`. The nested cargo uses its own target folder: sharing the outer one would
+//! deadlock on cargo's build lock.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Component crates and the folder under `target/` their `.wasm` goes to.
+const COMPONENTS: &[(&str, &str, &str)] = &[
+    //INDEXING
+    //DELETION
+    //CLEANUP
+    //SUMMARIZE
+    ("celeriac-task-diagnostics", "diagnostics", "tasks"),
+    ("celeriac-fixture-hostile", "hostile", "fixtures"),
+];
+
+fn main() {
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let root = manifest.parent().unwrap().to_path_buf();
+    for watched in ["sdk", "wit", "tasks", "tests/fixtures", "Cargo.toml", "Cargo.lock"] {
+        println!("cargo:rerun-if-changed={}", root.join(watched).display());
+    }
+    println!("cargo:rerun-if-env-changed=CELERIAC_SKIP_TASK_BUILD");
+    let out = root.join("target");
+    println!("cargo:rustc-env=CELERIAC_BUILT_TASKS_DIR={}", out.join("tasks").display());
+    println!("cargo:rustc-env=CELERIAC_BUILT_FIXTURES_DIR={}", out.join("fixtures").display());
+    if std::env::var_os("CELERIAC_SKIP_TASK_BUILD").is_some() {
+        return;
+    }
+
+    let build_dir = out.join("wasm-build");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        .args(["build", "--profile", "tasks", "--target", "wasm32-wasip2", "--target-dir"])
+        .arg(&build_dir);
+    for (package, _, _) in COMPONENTS {
+        cmd.args(["-p", package]);
+    }
+    // Settings meant for the outer (native) build must not leak into the wasm build.
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_TARGET_DIR",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTC_WRAPPER",
+        "CARGO_PRIMARY_PACKAGE",
+    ] {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().expect("run cargo to build the task components");
+    assert!(status.success(), "building the task components for wasm32-wasip2 failed");
+
+    for (_, lib, dest) in COMPONENTS {
+        let from = build_dir.join("wasm32-wasip2/tasks").join(format!("{lib}.wasm"));
+        let to_dir = out.join(dest);
+        std::fs::create_dir_all(&to_dir).unwrap();
+        copy_if_changed(&from, &to_dir.join(format!("{lib}.wasm")));
+    }
+}
+
+/// Copies only when the content changed, so a running worker's watcher sees no spurious change.
+fn copy_if_changed(from: &Path, to: &Path) {
+    let new = std::fs::read(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display()));
+    if std::fs::read(to).ok().as_deref() != Some(&new[..]) {
+        let tmp = to.with_extension("wasm.tmp");
+        std::fs::write(&tmp, &new).unwrap();
+        std::fs::rename(&tmp, to).unwrap();
+    }
+}

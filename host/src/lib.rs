@@ -1,0 +1,28 @@
+//! celeriac: a Celery-compatible task worker that runs every task as a sandboxed WebAssembly
+//! component.
+//!
+//! # Layout
+//!
+//! - [`runtime`]: the sandbox. One wasmtime engine, the linker with every host import, the
+//!   compiled-module cache, per-task limits, and [`runtime::Runtime::run`], which runs one task
+//!   in a fresh instance and classifies its [`runtime::Outcome`].
+//! - [`config`]: the TOML configuration, validated whole before anything runs, resolved per task
+//!   into limits and grants.
+//! - [`registry`]: the loaded modules and which task each one serves.
+//! - [`kv`]: the store behind the tasks' key-value import.
+//! - [`units`]: human durations and sizes (`5m`, `64MiB`).
+//! - [`cli`]: the `celeriac` command line.
+#![warn(missing_docs)]
+
+
+
+pub mod kv;
+
+pub mod runtime;
+pub mod units;
+
+/// Where `cargo build` put the example task components (`target/tasks`).
+pub const BUILT_TASKS_DIR: &str = env!("CELERIAC_BUILT_TASKS_DIR");
+
+/// Where `cargo build` put the hostile test fixtures (`target/fixtures`).
+pub const BUILT_FIXTURES_DIR: &str = env!("CELERIAC_BUILT_FIXTURES_DIR");

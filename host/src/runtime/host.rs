@@ -1,0 +1,236 @@
+//! The per-task host state and the imports a task component calls: `log`, `control`
+//! (progress, cancelled), `kv` and `enqueue`. Each import checks the task's grants first; a call
+//! the configuration does not allow returns `denied` and does nothing.
+
+use super::bindings::celeriac::task::{control, enqueue, kv, log, types};
+use super::limits::MemoryLimiter;
+use super::outcome::{ChildTask, Progress};
+use super::{Grants, Signals};
+use crate::kv::{KvError, KvStore};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use types::HostError;
+
+/// Most child tasks one run may ask for: a runaway loop must not flood the broker.
+pub const MAX_CHILDREN: usize = 10_000;
+/// Largest args + kwargs of one child, in bytes.
+pub const MAX_CHILD_PAYLOAD: usize = 1 << 20;
+/// Largest progress metadata, in bytes; it is published on every call.
+pub const MAX_PROGRESS_META: usize = 64 << 10;
+
+/// Everything one `Store` holds: WASI's context, the resource table, the memory limiter and
+/// celeriac's own view of the running task.
+pub struct TaskState {
+    pub(crate) wasi: WasiCtx,
+    pub(crate) table: ResourceTable,
+    pub(crate) limiter: MemoryLimiter,
+    pub(crate) task: TaskContext,
+}
+
+/// celeriac's side of a running task.
+pub struct TaskContext {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) grants: Arc<Grants>,
+    pub(crate) kv: Option<KvStore>,
+    pub(crate) signals: Signals,
+    pub(crate) soft_deadline: Option<Instant>,
+    pub(crate) hard_deadline: Instant,
+    pub(crate) children: Vec<ChildTask>,
+    pub(crate) progress: Option<mpsc::UnboundedSender<Progress>>,
+}
+
+impl TaskContext {
+    /// True once the soft limit passed or the task was revoked.
+    pub(crate) fn cancelled(&self) -> bool {
+        self.signals.is_cancelled() || self.soft_deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Host calls other than `log` and `cancelled` fail once the task is cancelled, so that a task
+    /// which ignores `cancelled()` still cannot keep doing work through the host.
+    fn live(&self) -> Result<(), HostError> {
+        if self.cancelled() { Err(HostError::Cancelled) } else { Ok(()) }
+    }
+
+    fn kv(&self) -> Result<(&KvStore, &str), HostError> {
+        self.live()?;
+        match (&self.kv, &self.grants.kv) {
+            (Some(store), Some(ns)) => Ok((store, ns.as_str())),
+            _ => Err(HostError::Denied(format!("task {} is not granted kv", self.name))),
+        }
+    }
+}
+
+impl WasiView for TaskState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl types::Host for TaskState {}
+
+impl log::Host for TaskState {
+    async fn log(&mut self, level: log::Level, message: String) {
+        if !self.task.grants.log {
+            return;
+        }
+        // Cap a line so a guest cannot flood the host log with one giant message.
+        let message: String = message.chars().take(4096).collect();
+        let (id, name) = (&self.task.id, &self.task.name);
+        match level {
+            log::Level::Trace => tracing::trace!(task.id = %id, task.name = %name, "{message}"),
+            log::Level::Debug => tracing::debug!(task.id = %id, task.name = %name, "{message}"),
+            log::Level::Info => tracing::info!(task.id = %id, task.name = %name, "{message}"),
+            log::Level::Warn => tracing::warn!(task.id = %id, task.name = %name, "{message}"),
+            log::Level::Error => tracing::error!(task.id = %id, task.name = %name, "{message}"),
+        }
+    }
+}
+
+impl control::Host for TaskState {
+    async fn progress(&mut self, state: String, meta: String) -> Result<(), HostError> {
+        let t = &self.task;
+        if !t.grants.progress {
+            return Err(HostError::Denied(format!("task {} is not granted progress", t.name)));
+        }
+        t.live()?;
+        if state.is_empty() || state.len() > 64 {
+            return Err(HostError::Invalid("state must be 1 to 64 bytes".into()));
+        }
+        if meta.len() > MAX_PROGRESS_META {
+            return Err(HostError::Invalid(format!(
+                "progress meta of {} bytes exceeds {MAX_PROGRESS_META}",
+                meta.len()
+            )));
+        }
+        let meta = serde_json::from_str(&meta)
+            .map_err(|e| HostError::Invalid(format!("progress meta is not JSON: {e}")))?;
+        if let Some(tx) = &t.progress {
+            // The receiver is gone only when nobody watches progress any more; that is not the
+            // task's problem.
+            let _ = tx.send(Progress { task_id: t.id.clone(), state, meta });
+        }
+        Ok(())
+    }
+
+    async fn cancelled(&mut self) -> bool {
+        self.task.cancelled()
+    }
+}
+
+fn kv_error(e: KvError) -> HostError {
+    match e {
+        KvError::Invalid(m) => HostError::Invalid(m),
+        KvError::Unavailable(m) => HostError::Unavailable(m),
+    }
+}
+
+impl kv::Host for TaskState {
+    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, HostError> {
+        let (store, ns) = self.task.kv()?;
+        store.get(ns, &key).await.map_err(kv_error)
+    }
+
+    async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), HostError> {
+        let (store, ns) = self.task.kv()?;
+        store.set(ns, &key, &value).await.map_err(kv_error)
+    }
+
+    async fn delete(&mut self, keys: Vec<String>) -> Result<u32, HostError> {
+        let (store, ns) = self.task.kv()?;
+        store.delete(ns, &keys).await.map_err(kv_error)
+    }
+
+    async fn set_add(&mut self, key: String, members: Vec<String>) -> Result<u32, HostError> {
+        let (store, ns) = self.task.kv()?;
+        store.set_add(ns, &key, &members).await.map_err(kv_error)
+    }
+
+    async fn set_remove(&mut self, key: String, members: Vec<String>) -> Result<u32, HostError> {
+        let (store, ns) = self.task.kv()?;
+        store.set_remove(ns, &key, &members).await.map_err(kv_error)
+    }
+
+    async fn set_members(&mut self, key: String) -> Result<Vec<String>, HostError> {
+        let (store, ns) = self.task.kv()?;
+        store.set_members(ns, &key).await.map_err(kv_error)
+    }
+}
+
+impl enqueue::Host for TaskState {
+    async fn enqueue(
+        &mut self,
+        name: String,
+        args: String,
+        kwargs: String,
+        options: enqueue::Options,
+    ) -> Result<String, HostError> {
+        let t = &mut self.task;
+        t.live()?;
+        if !t.grants.enqueue.iter().any(|pattern| glob_match(pattern, &name)) {
+            return Err(HostError::Denied(format!("task {} may not enqueue {name}", t.name)));
+        }
+        if t.children.len() >= MAX_CHILDREN {
+            return Err(HostError::Invalid(format!("more than {MAX_CHILDREN} child tasks")));
+        }
+        if args.len() + kwargs.len() > MAX_CHILD_PAYLOAD {
+            return Err(HostError::Invalid(format!(
+                "child arguments exceed {MAX_CHILD_PAYLOAD} bytes"
+            )));
+        }
+        let args: serde_json::Value = serde_json::from_str(&args)
+            .map_err(|e| HostError::Invalid(format!("child args are not JSON: {e}")))?;
+        let kwargs: serde_json::Value = serde_json::from_str(&kwargs)
+            .map_err(|e| HostError::Invalid(format!("child kwargs are not JSON: {e}")))?;
+        if !args.is_array() || !kwargs.is_object() {
+            return Err(HostError::Invalid("child args must be a list, kwargs an object".into()));
+        }
+        if options.priority.is_some_and(|p| p > 9) {
+            return Err(HostError::Invalid("priority must be 0-9".into()));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        t.children.push(ChildTask {
+            id: id.clone(),
+            name,
+            args,
+            kwargs,
+            queue: options.queue,
+            priority: options.priority,
+            countdown: options.countdown_ms.map(Duration::from_millis),
+        });
+        Ok(id)
+    }
+}
+
+/// Matches a task name against a pattern where `*` stands for any run of characters, as in
+/// `indexing.*`.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((prefix, rest)) => {
+            let Some(tail) = name.strip_prefix(prefix) else { return false };
+            (0..=tail.len())
+                .filter(|&i| tail.is_char_boundary(i))
+                .any(|i| glob_match(rest, &tail[i..]))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs_match_prefixes_and_infixes() {
+        assert!(glob_match("indexing.*", "indexing.index_session"));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("a*c*e", "abcde"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("indexing.*", "deletion.delete"));
+        assert!(!glob_match("exact", "exactly"));
+    }
+}

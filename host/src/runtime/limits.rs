@@ -1,0 +1,102 @@
+//! Per-instance resource caps and the engine-wide constants they rest on.
+
+use std::time::Duration;
+
+/// How often the engine's epoch advances. Every running instance checks its deadlines and yields
+/// to the scheduler once per tick, so this bounds how late a hard limit can fire while a guest is
+/// computing, and how long one guest can hold a thread before the others get a turn. 2 ms keeps
+/// a round over 64 busy slots on 2 cores near 64 ms, well below any sensible time limit, while
+/// the cost of one check per tick stays invisible next to the task's work.
+pub const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// Wasm stack a guest may use before it traps with a stack overflow (deep recursion).
+pub const MAX_WASM_STACK: usize = 1 << 20;
+
+/// Native stack of each async fiber; must exceed `MAX_WASM_STACK` with room for host frames.
+pub const ASYNC_STACK: usize = 2 << 20;
+
+/// Longest the host waits past the hard limit for a guest that is blocked in a host call
+/// before it abandons the call. A computing guest is stopped at the next epoch tick instead.
+pub const HARD_LIMIT_GRACE: Duration = Duration::from_millis(100);
+
+/// Guest stdout/stderr kept per run (the tail is shown after a trap).
+pub const OUTPUT_CAPTURE_BYTES: usize = 16 << 10;
+
+/// The caps of one run, resolved from the task's `describe`, the config file and flags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// After this `cancelled()` is true and host calls fail.
+    pub soft_time_limit: Option<Duration>,
+    /// After this the instance is stopped.
+    pub hard_time_limit: Duration,
+    /// Cap on linear memory, in bytes.
+    pub memory: u64,
+    /// Fuel budget; `None` means unmetered.
+    pub fuel: Option<u64>,
+    /// Largest result, in bytes of JSON.
+    pub max_result: usize,
+    /// Cap on elements of any wasm table (function tables).
+    pub max_table_elements: usize,
+    /// Cap on entries in the WASI resource table (open files, streams, pollables).
+    pub max_resources: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            soft_time_limit: None,
+            hard_time_limit: Duration::from_secs(300),
+            memory: 128 << 20,
+            fuel: None,
+            max_result: 1 << 20,
+            max_table_elements: 100_000,
+            max_resources: 1_000,
+        }
+    }
+}
+
+/// Caps one instance's memories and tables, and records whether the memory cap was hit so that
+/// the trap which usually follows (a Rust guest aborts when an allocation fails) is reported as
+/// "memory limit" rather than a bare trap.
+#[derive(Debug)]
+pub struct MemoryLimiter {
+    memory_cap: u64,
+    table_cap: usize,
+    /// Set when a grow request was refused for exceeding the memory cap.
+    pub hit: bool,
+    /// Largest memory size requested (granted or not), in bytes.
+    pub peak: u64,
+}
+
+impl MemoryLimiter {
+    /// A limiter for the given caps.
+    pub fn new(memory_cap: u64, table_cap: usize) -> Self {
+        MemoryLimiter { memory_cap, table_cap, hit: false, peak: 0 }
+    }
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let desired = desired as u64;
+        if desired > self.memory_cap || maximum.is_some_and(|m| desired > m as u64) {
+            self.hit = true;
+            return Ok(false);
+        }
+        self.peak = self.peak.max(desired);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= self.table_cap)
+    }
+}

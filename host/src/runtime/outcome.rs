@@ -1,0 +1,172 @@
+//! How one run of a task ended, kept apart all the way to the stored result: the task's own
+//! answer (success, retry, failure), a limit the host enforced, a trap in the guest, or a failure
+//! of the host itself.
+
+use std::time::Duration;
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The task returned a value (JSON).
+    Success {
+        /// The result as JSON text, validated.
+        result: String,
+    },
+    /// The task asked to be retried.
+    Retry {
+        /// Why.
+        reason: String,
+        /// Delay it asked for; `None` leaves it to the backoff policy.
+        countdown: Option<Duration>,
+    },
+    /// The task failed permanently.
+    Failed {
+        /// The error class for Celery clients, e.g. `ValueError`.
+        exc_type: String,
+        /// The message.
+        message: String,
+    },
+    /// The soft time limit passed and the task gave up (returned an error) before the hard limit.
+    SoftTimeLimit {
+        /// What the task said when it stopped.
+        message: String,
+    },
+    /// The hard time limit stopped the instance.
+    HardTimeLimit {
+        /// The limit that was exceeded.
+        limit: Duration,
+    },
+    /// The fuel budget ran out.
+    OutOfFuel {
+        /// The budget.
+        budget: u64,
+    },
+    /// The instance tried to grow its memory past the cap and then trapped.
+    MemoryLimit {
+        /// The cap in bytes.
+        limit: u64,
+    },
+    /// The instance was stopped because the task was revoked with terminate.
+    Terminated,
+    /// The guest trapped (a panic, an illegal operation, a stack overflow ...).
+    Trap {
+        /// The trap and, for a Rust guest, its panic message.
+        message: String,
+        /// The wasm backtrace, innermost frame first.
+        backtrace: Option<String>,
+    },
+    /// The task returned a result larger than its cap.
+    ResultTooLarge {
+        /// Size of the result in bytes.
+        size: usize,
+        /// The cap.
+        limit: usize,
+    },
+    /// The host failed: the module could not be instantiated, a store was unreachable, the guest
+    /// returned something that is not JSON. Not the task's fault.
+    HostError {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl Outcome {
+    /// A short, stable name for logs, metrics and `celeriac run`'s output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Success { .. } => "success",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Failed { .. } => "failure",
+            Outcome::SoftTimeLimit { .. } => "soft_time_limit",
+            Outcome::HardTimeLimit { .. } => "hard_time_limit",
+            Outcome::OutOfFuel { .. } => "out_of_fuel",
+            Outcome::MemoryLimit { .. } => "memory_limit",
+            Outcome::Terminated => "terminated",
+            Outcome::Trap { .. } => "trap",
+            Outcome::ResultTooLarge { .. } => "result_too_large",
+            Outcome::HostError { .. } => "host_error",
+        }
+    }
+
+    /// True for success.
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Success { .. })
+    }
+
+    /// The exception class and message a Celery client sees for a run that did not succeed.
+    /// Limits map onto the classes Celery itself raises, so Python code that catches
+    /// `SoftTimeLimitExceeded` or `MemoryError` keeps working.
+    pub fn exception(&self) -> Option<(String, String)> {
+        let (t, m) = match self {
+            Outcome::Success { .. } => return None,
+            Outcome::Retry { reason, .. } => ("Retry", reason.clone()),
+            Outcome::Failed { exc_type, message } => (exc_type.as_str(), message.clone()),
+            Outcome::SoftTimeLimit { message } => ("SoftTimeLimitExceeded", message.clone()),
+            Outcome::HardTimeLimit { limit } => {
+                ("TimeLimitExceeded", format!("hard time limit ({:?}) exceeded", limit))
+            }
+            Outcome::OutOfFuel { budget } => {
+                ("OutOfFuel", format!("fuel budget of {budget} exhausted"))
+            }
+            Outcome::MemoryLimit { limit } => {
+                ("MemoryError", format!("memory limit of {limit} bytes reached"))
+            }
+            Outcome::Terminated => ("Terminated", "terminated by revoke".to_string()),
+            Outcome::Trap { message, .. } => ("WasmTrap", message.clone()),
+            Outcome::ResultTooLarge { size, limit } => {
+                ("ResultTooLarge", format!("result of {size} bytes exceeds the cap of {limit}"))
+            }
+            Outcome::HostError { message } => ("HostError", message.clone()),
+        };
+        Some((t.to_string(), m))
+    }
+}
+
+/// A child task the run asked for. Children are handed to the caller when the run ends and are
+/// sent only if it succeeded, so a failed or retried attempt sends none and a retry does not
+/// duplicate them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildTask {
+    /// The id assigned to the child.
+    pub id: String,
+    /// The child's task name.
+    pub name: String,
+    /// Positional arguments (JSON array).
+    pub args: serde_json::Value,
+    /// Keyword arguments (JSON object).
+    pub kwargs: serde_json::Value,
+    /// Queue override.
+    pub queue: Option<String>,
+    /// Priority 0-9.
+    pub priority: Option<u8>,
+    /// Delay before it may run.
+    pub countdown: Option<Duration>,
+}
+
+/// A progress report made during the run (Celery's `update_state`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// The reporting task's id.
+    pub task_id: String,
+    /// The custom state name, e.g. `PROGRESS`.
+    pub state: String,
+    /// Its metadata.
+    pub meta: serde_json::Value,
+}
+
+/// Everything a caller learns from one run.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Wall time from instantiation to the end of the call.
+    pub wall: Duration,
+    /// Fuel consumed, when the task had a fuel budget.
+    pub fuel_used: Option<u64>,
+    /// Largest linear memory the instance asked for, in bytes.
+    pub peak_memory: u64,
+    /// Child tasks to send if the run succeeded.
+    pub children: Vec<ChildTask>,
+    /// What the guest wrote to stdout and stderr (truncated), useful after a trap.
+    pub output: String,
+}

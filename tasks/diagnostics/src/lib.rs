@@ -1,0 +1,112 @@
+//! Diagnostic tasks: `noop`, `sleep`, `spin`, `fail` and `flaky`, for smoke tests, benchmarks
+//! and the Celery interop tests.
+//!
+//! Built with the workspace (`cargo build`); run one with
+//! `celeriac run diagnostics.noop --args '[42]'`.
+
+use celeriac_sdk::serde_json::Value;
+use celeriac_sdk::{Context, TaskError, TaskResult, task};
+use std::time::{Duration, Instant};
+
+task! {
+    /// Returns its argument unchanged.
+    #[task(name = "diagnostics.noop", queue = "default")]
+    pub fn noop(_cx: &Context, x: Value) -> TaskResult<Value> {
+        Ok(x)
+    }
+
+    /// Sleeps for `ms` milliseconds (a task that waits), returning early when cancelled.
+    #[task(name = "diagnostics.sleep", queue = "default")]
+    pub fn sleep(cx: &Context, ms: u64) -> TaskResult<u64> {
+        let start = Instant::now();
+        let total = Duration::from_millis(ms);
+        while start.elapsed() < total {
+            if cx.cancelled() {
+                return Err(TaskError::fail("SoftTimeLimitExceeded", "cancelled while sleeping"));
+            }
+            std::thread::sleep((total - start.elapsed()).min(Duration::from_millis(10)));
+        }
+        Ok(start.elapsed().as_millis() as u64)
+    }
+
+    /// Burns CPU for `ms` milliseconds and returns how many rounds of work it did.
+    #[task(name = "diagnostics.spin", queue = "default")]
+    pub fn spin(cx: &Context, ms: u64) -> TaskResult<u64> {
+        let start = Instant::now();
+        let mut rounds = 0u64;
+        while start.elapsed() < Duration::from_millis(ms) {
+            rounds += u64::from(busy_work(rounds) & 1);
+            rounds += 1;
+            if rounds.is_multiple_of(1024) && cx.cancelled() {
+                return Err(TaskError::fail("SoftTimeLimitExceeded", "cancelled while spinning"));
+            }
+        }
+        Ok(rounds)
+    }
+
+    /// Fails permanently with `message` (a `ValueError` in Python).
+    #[task(name = "diagnostics.fail", queue = "default")]
+    pub fn fail(_cx: &Context, message: String) -> TaskResult<()> {
+        Err(TaskError::invalid(message))
+    }
+
+    /// Asks to be retried until it runs as attempt `n` (retries = n - 1), then returns the
+    /// attempt number.
+    #[task(name = "diagnostics.flaky", queue = "default", max_retries = 5, retry_backoff_ms = 100)]
+    pub fn flaky(cx: &Context, n: u32) -> TaskResult<u32> {
+        let attempt = cx.retries() + 1;
+        if attempt < n {
+            return Err(TaskError::retry(format!("attempt {attempt} of {n}: not yet")));
+        }
+        Ok(attempt)
+    }
+}
+
+/// A few hundred integer operations the optimiser cannot remove.
+fn busy_work(seed: u64) -> u32 {
+    let mut x = seed as u32 | 1;
+    for _ in 0..256 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+    }
+    std::hint::black_box(x)
+}
+
+#[cfg(target_arch = "wasm32")]
+celeriac_sdk::export_tasks!(noop, sleep, spin, fail, flaky);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use celeriac_sdk::serde_json::json;
+
+    fn cx(retries: u32) -> Context {
+        Context::detached("t-1", retries)
+    }
+
+    #[test]
+    fn noop_returns_its_argument() {
+        assert_eq!(noop(&cx(0), json!({"a": [1, 2]})).unwrap(), json!({"a": [1, 2]}));
+    }
+
+    #[test]
+    fn fail_is_a_permanent_value_error() {
+        assert_eq!(fail(&cx(0), "boom".into()), Err(TaskError::fail("ValueError", "boom")));
+    }
+
+    #[test]
+    fn flaky_retries_until_attempt_n() {
+        assert!(matches!(flaky(&cx(0), 3), Err(TaskError::Retry { .. })));
+        assert!(matches!(flaky(&cx(1), 3), Err(TaskError::Retry { .. })));
+        assert_eq!(flaky(&cx(2), 3), Ok(3));
+    }
+
+    #[test]
+    fn task_declares_its_defaults() {
+        let info = flaky::info();
+        assert_eq!(info.name, "diagnostics.flaky");
+        assert_eq!(info.max_retries, Some(5));
+        assert!(info.description.starts_with("Asks to be retried"));
+    }
+}
