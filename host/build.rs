@@ -34,7 +34,7 @@ fn main() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
-        .args(["build", "--profile", "tasks", "--target", "wasm32-wasip2", "--target-dir"])
+        .args(["build", "--profile", "wasm-tasks", "--target", "wasm32-wasip2", "--target-dir"])
         .arg(&build_dir);
     for (package, _, _) in COMPONENTS {
         cmd.args(["-p", package]);
@@ -55,7 +55,7 @@ fn main() {
     assert!(status.success(), "building the task components for wasm32-wasip2 failed");
 
     for (_, lib, dest) in COMPONENTS {
-        let from = build_dir.join("wasm32-wasip2/tasks").join(format!("{lib}.wasm"));
+        let from = build_dir.join("wasm32-wasip2/wasm-tasks").join(format!("{lib}.wasm"));
         let to_dir = out.join(dest);
         std::fs::create_dir_all(&to_dir).unwrap();
         copy_if_changed(&from, &to_dir.join(format!("{lib}.wasm")));

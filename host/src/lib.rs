@@ -14,9 +14,10 @@
 //! - [`cli`]: the `celeriac` command line.
 #![warn(missing_docs)]
 
-
-
+pub mod cli;
+pub mod config;
 pub mod kv;
+pub mod registry;
 
 pub mod runtime;
 pub mod units;

@@ -352,9 +352,7 @@ fn type_error(message: String) -> TaskError {
 
 /// Serialises a task's return value, or converts its error for the host.
 #[doc(hidden)]
-pub fn finish_run<T: Serialize>(
-    result: TaskResult<T>,
-) -> Result<String, bindings::WitTaskError> {
+pub fn finish_run<T: Serialize>(result: TaskResult<T>) -> Result<String, bindings::WitTaskError> {
     match result {
         Ok(value) => serde_json::to_string(&value)
             .map_err(|e| TaskError::fail("EncodeError", e.to_string()).into()),

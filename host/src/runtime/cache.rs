@@ -39,7 +39,9 @@ pub fn load(
         match deserialize(engine, &path) {
             Ok(component) => return Ok((component, Compiled::FromCache)),
             // A truncated or foreign file: recompile and overwrite it.
-            Err(e) => tracing::warn!(path = %path.display(), "ignoring unusable cache entry: {e:#}"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "ignoring unusable cache entry: {e:#}")
+            }
         }
     }
     let component = Component::new(engine, wasm).map_err(anyhow::Error::from)?;

@@ -297,8 +297,10 @@ impl Runtime {
             format!("{shown}: does not export the celeriac:task@0.1.0 world (`describe` and `run`)")
         })?;
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let mut module = Module { path: path.to_path_buf(), name, tasks: Vec::new(), compiled, pre };
-        module.tasks = self.describe(&module).await.with_context(|| format!("{shown}: describe"))?;
+        let mut module =
+            Module { path: path.to_path_buf(), name, tasks: Vec::new(), compiled, pre };
+        module.tasks =
+            self.describe(&module).await.with_context(|| format!("{shown}: describe"))?;
         if module.tasks.is_empty() {
             anyhow::bail!("{shown}: serves no tasks (describe returned an empty list)");
         }
@@ -311,7 +313,14 @@ impl Runtime {
             memory: self.config.max_memory.min(64 << 20),
             ..Limits::default()
         };
-        let mut store = self.store(&limits, "describe", "describe", Grants::default(), RunEnv::default(), None)?;
+        let mut store = self.store(
+            &limits,
+            "describe",
+            "describe",
+            Grants::default(),
+            RunEnv::default(),
+            None,
+        )?;
         let call = async {
             let task = module.pre.instantiate_async(&mut store).await?;
             task.call_describe(&mut store).await

@@ -1,0 +1,517 @@
+//! The configuration file (`celeriac.toml`) and how each task's settings are resolved.
+//!
+//! Settings for a task come, from weakest to strongest, from: celeriac's built-in defaults, the
+//! file's `[defaults]` table, the component's own `describe` (the task author knows the task),
+//! the file's `[tasks."name"]` table (the operator has the last word on a deployment), and
+//! finally command-line flags. The whole file is parsed and checked before anything runs; every
+//! problem is reported at once, naming the file, the key and what is wrong.
+
+use crate::runtime::{Grants, Limits, Outcome, Preopen, TaskInfo};
+use crate::units::{ByteSize, HumanDuration};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The file `celeriac` looks for in the working folder when `--config` is not given.
+pub const DEFAULT_CONFIG_FILE: &str = "celeriac.toml";
+
+/// The broker and result backend when neither file nor environment names one (Celery's default).
+pub const DEFAULT_REDIS_URL: &str = "redis://localhost:6379/0";
+
+/// Outcome kinds a retry policy may name in `retry_on`.
+pub const RETRYABLE_KINDS: &[&str] = &[
+    "retry",
+    "failure",
+    "soft_time_limit",
+    "hard_time_limit",
+    "out_of_fuel",
+    "memory_limit",
+    "trap",
+    "host_error",
+];
+
+/// The file as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Folder of task components (`*.wasm`).
+    pub modules: Option<PathBuf>,
+    /// Folder for compiled components.
+    pub cache: Option<PathBuf>,
+    /// Broker URL, e.g. `redis://localhost:6379/0` or `memory://`.
+    pub broker: Option<String>,
+    /// Result backend URL.
+    pub result_backend: Option<String>,
+    /// Settings for every task.
+    #[serde(default)]
+    pub defaults: TaskSettings,
+    /// Settings for single tasks, by name.
+    #[serde(default)]
+    pub tasks: BTreeMap<String, TaskSettings>,
+}
+
+/// Settings one task may have; every field is optional so tables can be layered.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSettings {
+    /// The module (file stem) that must serve this task, when several could.
+    pub module: Option<String>,
+    /// The queue the task is routed to.
+    pub queue: Option<String>,
+    /// After this `cancelled()` turns true and host calls fail.
+    pub soft_time_limit: Option<HumanDuration>,
+    /// After this the instance is stopped.
+    pub hard_time_limit: Option<HumanDuration>,
+    /// Cap on linear memory.
+    pub memory: Option<ByteSize>,
+    /// Fuel budget per run.
+    pub fuel: Option<u64>,
+    /// Largest result.
+    pub max_result: Option<ByteSize>,
+    /// Retries before a task is dead-lettered.
+    pub max_retries: Option<u32>,
+    /// Delay before the first retry.
+    pub retry_backoff: Option<HumanDuration>,
+    /// Cap on the retry delay.
+    pub retry_backoff_max: Option<HumanDuration>,
+    /// Randomise retry delays (full jitter) so failed tasks do not return in lockstep.
+    pub retry_jitter: Option<bool>,
+    /// Outcome kinds that are retried (see [`RETRYABLE_KINDS`]).
+    pub retry_on: Option<Vec<String>>,
+    /// Global rate limit such as `10/s`.
+    pub rate_limit: Option<RateLimit>,
+    /// Grant: guest log lines reach the host log.
+    pub log: Option<bool>,
+    /// Grant: progress reports.
+    pub progress: Option<bool>,
+    /// Grant: real clocks.
+    pub clocks: Option<bool>,
+    /// Grant: real randomness.
+    pub random: Option<bool>,
+    /// Grant: this key-value namespace.
+    pub kv: Option<String>,
+    /// Grant: these task names (globs) may be enqueued.
+    pub enqueue: Option<Vec<String>>,
+    /// Grant: these host folders.
+    pub preopens: Option<Vec<PreopenSetting>>,
+}
+
+/// A preopened folder as written in the file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PreopenSetting {
+    /// Host folder; relative paths are relative to the config file.
+    pub host: PathBuf,
+    /// Where the task sees it.
+    pub guest: String,
+    /// Whether the task may write there.
+    #[serde(default)]
+    pub writable: bool,
+}
+
+macro_rules! overlay_fields {
+    ($base:ident, $top:ident, $($field:ident),*) => {
+        TaskSettings { $( $field: $top.$field.clone().or_else(|| $base.$field.clone()), )* }
+    };
+}
+
+impl TaskSettings {
+    /// `self` with every field that `top` sets replaced by `top`'s.
+    pub fn overlay(&self, top: &TaskSettings) -> TaskSettings {
+        overlay_fields!(
+            self,
+            top,
+            module,
+            queue,
+            soft_time_limit,
+            hard_time_limit,
+            memory,
+            fuel,
+            max_result,
+            max_retries,
+            retry_backoff,
+            retry_backoff_max,
+            retry_jitter,
+            retry_on,
+            rate_limit,
+            log,
+            progress,
+            clocks,
+            random,
+            kv,
+            enqueue,
+            preopens
+        )
+    }
+
+    /// The settings a component declared for one of its tasks.
+    pub fn from_describe(info: &TaskInfo) -> TaskSettings {
+        let ms = |v: Option<u64>| v.map(|ms| HumanDuration(Duration::from_millis(ms)));
+        TaskSettings {
+            queue: info.queue.clone(),
+            soft_time_limit: ms(info.soft_time_limit_ms),
+            hard_time_limit: ms(info.hard_time_limit_ms),
+            memory: info.memory_limit_bytes.map(ByteSize),
+            fuel: info.fuel,
+            max_retries: info.max_retries,
+            retry_backoff: ms(info.retry_backoff_ms),
+            retry_backoff_max: ms(info.retry_backoff_max_ms),
+            rate_limit: info.rate_limit.as_deref().and_then(|r| r.parse().ok()),
+            ..TaskSettings::default()
+        }
+    }
+
+    /// Checks the settings that can be checked alone; `at` names the table in messages.
+    fn check(&self, at: &str, errors: &mut Vec<String>) {
+        let mut bad = |key: &str, problem: String| errors.push(format!("{at}.{key}: {problem}"));
+        if let (Some(soft), Some(hard)) = (self.soft_time_limit, self.hard_time_limit)
+            && soft >= hard
+        {
+            bad("soft_time_limit", format!("{soft} must be shorter than hard_time_limit {hard}"));
+        }
+        if self.hard_time_limit.is_some_and(|h| h.0.is_zero()) {
+            bad("hard_time_limit", "must be more than 0".into());
+        }
+        if let Some(m) = self.memory
+            && !(1 << 20..=4 << 30).contains(&m.0)
+        {
+            bad("memory", format!("{m} is outside 1MiB..4GiB (a wasm32 memory tops out at 4GiB)"));
+        }
+        if self.fuel == Some(0) {
+            bad("fuel", "a budget of 0 cannot run anything; leave it out for no metering".into());
+        }
+        if let Some(kinds) = &self.retry_on {
+            for k in kinds.iter().filter(|k| !RETRYABLE_KINDS.contains(&k.as_str())) {
+                bad("retry_on", format!("unknown outcome {k:?} (one of {RETRYABLE_KINDS:?})"));
+            }
+        }
+        if let Some(ns) = &self.kv
+            && (ns.is_empty()
+                || !ns.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)))
+        {
+            bad("kv", format!("namespace {ns:?} must be letters, digits, '_', '-' or '.'"));
+        }
+        if let Some(q) = &self.queue
+            && (q.is_empty() || q.contains('\u{6}'))
+        {
+            bad("queue", format!("invalid queue name {q:?}"));
+        }
+        for p in self.preopens.iter().flatten() {
+            if !p.guest.starts_with('/') {
+                bad("preopens", format!("guest path {:?} must be absolute", p.guest));
+            }
+            if !p.host.is_dir() {
+                bad("preopens", format!("host folder {} does not exist", p.host.display()));
+            }
+        }
+    }
+}
+
+/// A global rate limit: at most `count` starts per `per`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Tasks allowed per period.
+    pub count: u32,
+    /// The period.
+    pub per: Duration,
+}
+
+impl std::str::FromStr for RateLimit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid rate limit {s:?} (expected e.g. 10/s, 100/m, 1000/h)");
+        let (count, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+        let count: u32 = count.trim().parse().map_err(|_| bad())?;
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return Err(bad()),
+        };
+        if count == 0 {
+            return Err(format!("rate limit {s:?} allows nothing; leave it out for no limit"));
+        }
+        Ok(RateLimit { count, per })
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+impl<'de> Deserialize<'de> for RateLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// When and how a failed task is tried again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Retries allowed after the first run.
+    pub max_retries: u32,
+    /// Delay before the first retry; doubles each time.
+    pub backoff: Duration,
+    /// Cap on the delay.
+    pub backoff_max: Duration,
+    /// Full jitter: the delay is uniform in [0, computed delay].
+    pub jitter: bool,
+    /// Outcome kinds that are retried.
+    pub retry_on: Vec<String>,
+}
+
+impl RetryPolicy {
+    /// Whether `outcome` is retried under this policy, given the retries already made.
+    pub fn should_retry(&self, outcome: &Outcome, retries: u32) -> bool {
+        retries < self.max_retries && self.retry_on.iter().any(|k| k == outcome.kind())
+    }
+
+    /// The delay before retry number `retries + 1`, before jitter: `backoff * 2^retries`, capped.
+    pub fn delay(&self, retries: u32) -> Duration {
+        let factor = 2u32.saturating_pow(retries.min(31));
+        self.backoff.saturating_mul(factor).min(self.backoff_max)
+    }
+}
+
+/// Everything resolved for one task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskSpec {
+    /// The task name.
+    pub name: String,
+    /// The module (file stem) serving it.
+    pub module: String,
+    /// Its queue.
+    pub queue: String,
+    /// Its limits.
+    pub limits: Limits,
+    /// What it may touch.
+    pub grants: Grants,
+    /// Its retry policy.
+    pub retry: RetryPolicy,
+    /// Its global rate limit.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// The configuration after the file, environment and flags were applied.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, if any.
+    pub source: Option<PathBuf>,
+    /// Folder of task components.
+    pub modules: PathBuf,
+    /// Folder for compiled components; `None` disables the cache.
+    pub cache: Option<PathBuf>,
+    /// Broker URL.
+    pub broker: String,
+    /// Result backend URL.
+    pub result_backend: String,
+    /// Settings for every task.
+    pub defaults: TaskSettings,
+    /// Settings for single tasks.
+    pub tasks: BTreeMap<String, TaskSettings>,
+    /// Settings from the command line, applied over everything for every task.
+    pub overrides: TaskSettings,
+}
+
+/// A configuration that cannot be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", problems.join("\n"))]
+pub struct ConfigError {
+    /// One line per problem: `file: key: what is wrong`.
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(problem: String) -> Self {
+        ConfigError { problems: vec![problem] }
+    }
+}
+
+/// Values from the environment and command line that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--modules` / `CELERIAC_MODULES`.
+    pub modules: Option<PathBuf>,
+    /// `--broker` / `CELERY_BROKER_URL` / `REDIS_URL`.
+    pub broker: Option<String>,
+    /// `--result-backend` / `CELERY_RESULT_BACKEND`.
+    pub result_backend: Option<String>,
+    /// Settings applied to every task, over everything else (e.g. `--memory` on `celeriac run`).
+    pub task: TaskSettings,
+}
+
+impl Config {
+    /// Loads `path`, or `celeriac.toml` in the working folder when it exists, or the built-in
+    /// defaults; then applies `overrides`.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let (file, source) = match path {
+            Some(p) => (read_file(p)?, Some(p.to_path_buf())),
+            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
+                let p = Path::new(DEFAULT_CONFIG_FILE);
+                (read_file(p)?, Some(p.to_path_buf()))
+            }
+            None => (ConfigFile::default(), None),
+        };
+        Self::from_file(file, source, overrides)
+    }
+
+    /// Parses TOML text as if read from `name` (used by tests and `load`).
+    pub fn parse(text: &str, name: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let file = toml::from_str::<ConfigFile>(text).map_err(|e| {
+            ConfigError::one(format!("{}: {}", name.display(), e.to_string().trim_end()))
+        })?;
+        Self::from_file(file, Some(name.to_path_buf()), overrides)
+    }
+
+    fn from_file(
+        file: ConfigFile,
+        source: Option<PathBuf>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let base =
+            source.as_deref().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        let shown = source.as_deref().unwrap_or(Path::new("(defaults)")).display().to_string();
+
+        let mut defaults = file.defaults;
+        let mut tasks = file.tasks;
+        for settings in std::iter::once(&mut defaults).chain(tasks.values_mut()) {
+            for p in settings.preopens.iter_mut().flatten() {
+                p.host = resolve(std::mem::take(&mut p.host));
+            }
+        }
+        let mut problems = Vec::new();
+        defaults.check(&format!("{shown}: defaults"), &mut problems);
+        for (name, settings) in &tasks {
+            settings.check(&format!("{shown}: tasks.\"{name}\""), &mut problems);
+        }
+        overrides.task.check("command line", &mut problems);
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let broker = overrides
+            .broker
+            .clone()
+            .or_else(|| env("CELERY_BROKER_URL"))
+            .or_else(|| env("REDIS_URL"))
+            .or(file.broker)
+            .unwrap_or_else(|| DEFAULT_REDIS_URL.to_string());
+        let result_backend = overrides
+            .result_backend
+            .clone()
+            .or_else(|| env("CELERY_RESULT_BACKEND"))
+            .or(file.result_backend)
+            .unwrap_or_else(|| broker.clone());
+        let modules = overrides
+            .modules
+            .clone()
+            .or_else(|| env("CELERIAC_MODULES").map(PathBuf::from))
+            .or(file.modules.map(resolve))
+            .unwrap_or_else(|| PathBuf::from("modules"));
+        let cache = env("CELERIAC_CACHE")
+            .map(PathBuf::from)
+            .or(file.cache.map(resolve))
+            .or_else(crate::runtime::default_cache_dir);
+        Ok(Config {
+            source,
+            modules,
+            cache,
+            broker,
+            result_backend,
+            defaults,
+            tasks,
+            overrides: overrides.task.clone(),
+        })
+    }
+
+    /// The settings for `name` served by `module`, resolved through every layer.
+    pub fn resolve(
+        &self,
+        name: &str,
+        module: &str,
+        info: &TaskInfo,
+    ) -> Result<TaskSpec, ConfigError> {
+        let s = builtin_settings()
+            .overlay(&self.defaults)
+            .overlay(&TaskSettings::from_describe(info))
+            .overlay(self.tasks.get(name).unwrap_or(&TaskSettings::default()))
+            .overlay(&self.overrides);
+        let at = match &self.source {
+            Some(p) => format!("{}: tasks.\"{name}\"", p.display()),
+            None => format!("task {name}"),
+        };
+        let mut problems = Vec::new();
+        s.check(&at, &mut problems);
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        let hard = s.hard_time_limit.map(|d| d.0).unwrap_or(Duration::from_secs(300));
+        Ok(TaskSpec {
+            name: name.to_string(),
+            module: module.to_string(),
+            queue: s.queue.unwrap_or_else(|| "celery".to_string()),
+            limits: Limits {
+                soft_time_limit: s.soft_time_limit.map(|d| d.0),
+                hard_time_limit: hard,
+                memory: s.memory.map(|m| m.0).unwrap_or(Limits::default().memory),
+                fuel: s.fuel,
+                max_result: s
+                    .max_result
+                    .map(|m| m.0 as usize)
+                    .unwrap_or(Limits::default().max_result),
+                ..Limits::default()
+            },
+            grants: Grants {
+                log: s.log.unwrap_or(false),
+                progress: s.progress.unwrap_or(false),
+                clocks: s.clocks.unwrap_or(false),
+                random: s.random.unwrap_or(false),
+                kv: s.kv,
+                enqueue: s.enqueue.unwrap_or_default(),
+                preopens: s
+                    .preopens
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|p| Preopen { host: p.host, guest: p.guest, writable: p.writable })
+                    .collect(),
+            },
+            retry: RetryPolicy {
+                max_retries: s.max_retries.unwrap_or(3),
+                backoff: s.retry_backoff.map(|d| d.0).unwrap_or(Duration::from_secs(1)),
+                backoff_max: s.retry_backoff_max.map(|d| d.0).unwrap_or(Duration::from_secs(600)),
+                jitter: s.retry_jitter.unwrap_or(true),
+                retry_on: s.retry_on.unwrap_or_else(|| vec!["retry".into(), "host_error".into()]),
+            },
+            rate_limit: s.rate_limit,
+        })
+    }
+}
+
+/// celeriac's own defaults, the weakest layer. Grants are all off: a task gets nothing it was
+/// not given.
+fn builtin_settings() -> TaskSettings {
+    TaskSettings {
+        queue: Some("celery".into()),
+        hard_time_limit: Some(HumanDuration(Duration::from_secs(300))),
+        memory: Some(ByteSize(128 << 20)),
+        ..TaskSettings::default()
+    }
+}
+
+fn read_file(path: &Path) -> Result<ConfigFile, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::one(format!("{}: cannot read: {e}", path.display())))?;
+    toml::from_str(&text)
+        .map_err(|e| ConfigError::one(format!("{}: {}", path.display(), e.to_string().trim_end())))
+}

@@ -1,0 +1,141 @@
+//! The loaded task components and which task each one serves, with every task's settings
+//! resolved. Built once before the first task runs: a module that does not load, a task served
+//! twice or a configured task that nobody serves stops startup with a clear message.
+
+use crate::config::{Config, ConfigError, TaskSpec};
+use crate::runtime::{Invocation, Module, RunEnv, RunReport, Runtime, RuntimeConfig, TaskInfo};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// One task: the module that serves it, what it declared, and its resolved settings.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The component serving the task.
+    pub module: Arc<Module>,
+    /// What the component declared.
+    pub info: TaskInfo,
+    /// Limits, grants, queue and retry policy after every configuration layer.
+    pub spec: TaskSpec,
+}
+
+/// The runtime and every task it can run.
+pub struct Registry {
+    runtime: Arc<Runtime>,
+    modules: Vec<Arc<Module>>,
+    tasks: BTreeMap<String, Entry>,
+}
+
+/// A task name no loaded module serves.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unknown task {0:?}: no loaded module serves it")]
+pub struct UnknownTask(pub String);
+
+impl Registry {
+    /// Builds the runtime for `config`, loads every module in its modules folder and resolves each
+    /// task. `max_instances` is the most tasks that will run at once.
+    pub async fn load(config: &Config, max_instances: u32) -> anyhow::Result<Registry> {
+        let layers = std::iter::once(&config.defaults)
+            .chain(config.tasks.values())
+            .chain(std::iter::once(&config.overrides));
+        let mut runtime_config = RuntimeConfig {
+            max_instances: max_instances.max(1) + 2,
+            cache_dir: config.cache.clone(),
+            ..RuntimeConfig::default()
+        };
+        for layer in layers {
+            runtime_config.fuel |= layer.fuel.is_some();
+            if let Some(m) = layer.memory {
+                runtime_config.max_memory = runtime_config.max_memory.max(m.0);
+            }
+        }
+        let registry = Self::load_with(config, runtime_config.clone()).await?;
+        // A component's own `describe` may ask for fuel or a bigger memory than the engine was
+        // built for; that is only known after loading, so build once more to fit.
+        let needs_fuel = registry.tasks.values().any(|e| e.spec.limits.fuel.is_some());
+        let max_memory = registry.tasks.values().map(|e| e.spec.limits.memory).max().unwrap_or(0);
+        if (needs_fuel && !runtime_config.fuel) || max_memory > runtime_config.max_memory {
+            runtime_config.fuel |= needs_fuel;
+            runtime_config.max_memory = runtime_config.max_memory.max(max_memory);
+            return Self::load_with(config, runtime_config).await;
+        }
+        Ok(registry)
+    }
+
+    async fn load_with(config: &Config, runtime_config: RuntimeConfig) -> anyhow::Result<Registry> {
+        let runtime = Arc::new(Runtime::new(runtime_config)?);
+        let modules: Vec<Arc<Module>> =
+            runtime.load_dir(&config.modules).await?.into_iter().map(Arc::new).collect();
+        let mut tasks: BTreeMap<String, Entry> = BTreeMap::new();
+        let mut problems = Vec::new();
+        for module in &modules {
+            for info in &module.tasks {
+                let wanted = config.tasks.get(&info.name).and_then(|t| t.module.as_deref());
+                if wanted.is_some_and(|w| w != module.name) {
+                    continue;
+                }
+                if let Some(existing) = tasks.get(&info.name) {
+                    problems.push(format!(
+                        "task {:?} is served by both {} and {}; set tasks.\"{}\".module to choose",
+                        info.name,
+                        existing.module.path.display(),
+                        module.path.display(),
+                        info.name
+                    ));
+                    continue;
+                }
+                match config.resolve(&info.name, &module.name, info) {
+                    Ok(spec) => {
+                        let entry = Entry { module: module.clone(), info: info.clone(), spec };
+                        tasks.insert(info.name.clone(), entry);
+                    }
+                    Err(e) => problems.extend(e.problems),
+                }
+            }
+        }
+        let at = config.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        for name in config.tasks.keys().filter(|n| !tasks.contains_key(*n)) {
+            problems.push(format!(
+                "{at}: tasks.\"{name}\": no module in {} serves this task",
+                config.modules.display()
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError { problems }.into());
+        }
+        Ok(Registry { runtime, modules, tasks })
+    }
+
+    /// The runtime the modules were loaded into.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// The loaded modules, sorted by file name.
+    pub fn modules(&self) -> &[Arc<Module>] {
+        &self.modules
+    }
+
+    /// Every task, by name.
+    pub fn tasks(&self) -> impl Iterator<Item = &Entry> {
+        self.tasks.values()
+    }
+
+    /// One task.
+    pub fn get(&self, name: &str) -> Result<&Entry, UnknownTask> {
+        self.tasks.get(name).ok_or_else(|| UnknownTask(name.to_string()))
+    }
+
+    /// Runs one task under its resolved limits and grants.
+    pub async fn run(
+        &self,
+        invocation: &Invocation,
+        env: RunEnv,
+    ) -> Result<RunReport, UnknownTask> {
+        let entry = self.get(&invocation.task)?;
+        let spec = &entry.spec;
+        Ok(self
+            .runtime
+            .run(&entry.module, invocation, &spec.limits, spec.grants.clone(), env)
+            .await)
+    }
+}
