@@ -1,0 +1,3 @@
+//! celeriac's integration tests, one module per concern.
+
+mod sandbox;
