@@ -8,10 +8,10 @@ use std::process::Command;
 
 /// Component crates and the folder under `target/` their `.wasm` goes to.
 const COMPONENTS: &[(&str, &str, &str)] = &[
-    //INDEXING
-    //DELETION
-    //CLEANUP
-    //SUMMARIZE
+    ("celeriac-task-indexing", "indexing", "tasks"),
+    ("celeriac-task-deletion", "deletion", "tasks"),
+    ("celeriac-task-cleanup", "cleanup", "tasks"),
+    ("celeriac-task-summarize", "summarize", "tasks"),
     ("celeriac-task-diagnostics", "diagnostics", "tasks"),
     ("celeriac-fixture-hostile", "hostile", "fixtures"),
 ];

@@ -54,10 +54,10 @@ pub enum ModulesCommand {
 pub struct RunArgs {
     /// Task name, e.g. `diagnostics.noop`.
     pub task: String,
-    /// Positional arguments as a JSON array.
+    /// Positional arguments as a JSON array, or @FILE to read them from a file.
     #[arg(long, default_value = "[]")]
     pub args: String,
-    /// Keyword arguments as a JSON object.
+    /// Keyword arguments as a JSON object, or @FILE to read them from a file.
     #[arg(long, default_value = "{}")]
     pub kwargs: String,
     /// Task id [default: a new UUID].
@@ -111,17 +111,28 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-fn parse_json(what: &str, text: &str) -> anyhow::Result<serde_json::Value> {
-    serde_json::from_str(text).with_context(|| format!("--{what} is not valid JSON: {text}"))
+/// Reads a JSON flag: inline text, or `@path` for a file.
+fn json_flag(what: &str, text: &str) -> anyhow::Result<serde_json::Value> {
+    let text = match text.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("--{what}: read {path}"))?
+        }
+        None => text.to_string(),
+    };
+    serde_json::from_str(&text).with_context(|| format!("--{what} is not valid JSON: {text}"))
 }
 
-async fn run(config: &Config, args: RunArgs) -> anyhow::Result<i32> {
-    if !parse_json("args", &args.args)?.is_array() {
+async fn run(config: &Config, mut args: RunArgs) -> anyhow::Result<i32> {
+    let positional = json_flag("args", &args.args)?;
+    if !positional.is_array() {
         anyhow::bail!("--args must be a JSON array, e.g. --args '[1, 2]'");
     }
-    if !parse_json("kwargs", &args.kwargs)?.is_object() {
+    let keywords = json_flag("kwargs", &args.kwargs)?;
+    if !keywords.is_object() {
         anyhow::bail!("--kwargs must be a JSON object, e.g. --kwargs '{{\"x\": 1}}'");
     }
+    args.args = positional.to_string();
+    args.kwargs = keywords.to_string();
     let registry = Registry::load(config, 1).await?;
     let kv = match &args.kv_file {
         Some(path) => KvStore::file(path)?,

@@ -109,6 +109,9 @@ pub struct PreopenSetting {
     /// Whether the task may write there.
     #[serde(default)]
     pub writable: bool,
+    /// Create the host folder at startup when it is missing (for scratch folders).
+    #[serde(default)]
+    pub create: bool,
 }
 
 macro_rules! overlay_fields {
@@ -387,6 +390,10 @@ impl Config {
         for settings in std::iter::once(&mut defaults).chain(tasks.values_mut()) {
             for p in settings.preopens.iter_mut().flatten() {
                 p.host = resolve(std::mem::take(&mut p.host));
+                if p.create && !p.host.exists() {
+                    // A failure shows up below as "host folder does not exist".
+                    let _ = std::fs::create_dir_all(&p.host);
+                }
             }
         }
         let mut problems = Vec::new();
