@@ -449,11 +449,21 @@ impl Config {
         module: &str,
         info: &TaskInfo,
     ) -> Result<TaskSpec, ConfigError> {
-        let s = builtin_settings()
-            .overlay(&self.defaults)
-            .overlay(&TaskSettings::from_describe(info))
-            .overlay(self.tasks.get(name).unwrap_or(&TaskSettings::default()))
-            .overlay(&self.overrides);
+        let described = TaskSettings::from_describe(info);
+        let empty = TaskSettings::default();
+        let task = self.tasks.get(name).unwrap_or(&empty);
+        let layers = [&builtin_settings(), &self.defaults, &described, task, &self.overrides];
+        let mut s = layers.iter().fold(TaskSettings::default(), |acc, layer| acc.overlay(layer));
+        // A soft limit at or past the hard limit can never fire. When a stronger layer shortened
+        // the hard limit (`celeriac run --hard-time-limit 1s` under a file's 50s soft limit), the
+        // soft limit is dropped; when the soft limit is the stronger setting, it is an error.
+        let last = |f: fn(&TaskSettings) -> bool| layers.iter().rposition(|l| f(l));
+        if let (Some(soft), Some(hard)) = (s.soft_time_limit, s.hard_time_limit)
+            && soft >= hard
+            && last(|l| l.hard_time_limit.is_some()) > last(|l| l.soft_time_limit.is_some())
+        {
+            s.soft_time_limit = None;
+        }
         let at = match &self.source {
             Some(p) => format!("{}: tasks.\"{name}\"", p.display()),
             None => format!("task {name}"),

@@ -67,12 +67,15 @@ impl Registry {
             runtime.load_dir(&config.modules).await?.into_iter().map(Arc::new).collect();
         let mut tasks: BTreeMap<String, Entry> = BTreeMap::new();
         let mut problems = Vec::new();
+        // Tasks some module serves, whether or not their settings were valid.
+        let mut served = std::collections::BTreeSet::new();
         for module in &modules {
             for info in &module.tasks {
                 let wanted = config.tasks.get(&info.name).and_then(|t| t.module.as_deref());
                 if wanted.is_some_and(|w| w != module.name) {
                     continue;
                 }
+                served.insert(info.name.clone());
                 if let Some(existing) = tasks.get(&info.name) {
                     problems.push(format!(
                         "task {:?} is served by both {} and {}; set tasks.\"{}\".module to choose",
@@ -93,7 +96,7 @@ impl Registry {
             }
         }
         let at = config.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-        for name in config.tasks.keys().filter(|n| !tasks.contains_key(*n)) {
+        for name in config.tasks.keys().filter(|n| !served.contains(*n)) {
             problems.push(format!(
                 "{at}: tasks.\"{name}\": no module in {} serves this task",
                 config.modules.display()

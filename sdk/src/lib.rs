@@ -305,29 +305,28 @@ impl Arguments {
         Ok((cx, Arguments { args, kwargs, next: 0, names: Vec::new() }))
     }
 
-    /// The next parameter: positional if there is one left, else by name, else `null` (so an
-    /// `Option` parameter becomes `None` and any other type reports it missing).
+    /// The next parameter: positional if there is one left, else by name; when neither was
+    /// passed an `Option` parameter is `None` and any other type reports it missing.
     pub fn take<T: DeserializeOwned>(&mut self, name: &'static str) -> Result<T, TaskError> {
         self.names.push(name);
         let position = self.next;
         self.next += 1;
         let positional = position < self.args.len();
-        let value = if positional {
+        if positional {
             if self.kwargs.contains_key(name) {
                 return Err(type_error(format!("got multiple values for argument '{name}'")));
             }
-            std::mem::take(&mut self.args[position])
-        } else {
-            self.kwargs.remove(name).unwrap_or(Value::Null)
-        };
-        let missing = value.is_null() && !positional;
-        serde_json::from_value(value).map_err(|e| {
-            if missing {
-                type_error(format!("missing required argument '{name}'"))
-            } else {
-                type_error(format!("argument '{name}': {e}"))
-            }
-        })
+            let value = std::mem::take(&mut self.args[position]);
+            return serde_json::from_value(value)
+                .map_err(|e| type_error(format!("argument '{name}': {e}")));
+        }
+        match self.kwargs.remove(name) {
+            Some(value) => serde_json::from_value(value)
+                .map_err(|e| type_error(format!("argument '{name}': {e}"))),
+            // Only an `Option` parameter may be left out, as a Python default of None.
+            None => T::deserialize(Missing)
+                .map_err(|_| type_error(format!("missing required argument '{name}'"))),
+        }
     }
 
     /// Rejects arguments that no parameter took, as Python does.
@@ -343,6 +342,31 @@ impl Arguments {
             return Err(type_error(format!("got an unexpected keyword argument '{extra}'")));
         }
         Ok(())
+    }
+}
+
+/// Stands for an argument that was not passed: an `Option` reads it as `None`, anything else
+/// (including `serde_json::Value`, which would happily take `null`) fails.
+struct Missing;
+
+impl<'de> serde::Deserializer<'de> for Missing {
+    type Error = serde_json::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("missing"))
+    }
+
+    fn deserialize_option<V: serde::de::Visitor<'de>>(
+        self,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        visitor.visit_none()
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        unit unit_struct newtype_struct seq tuple tuple_struct map struct enum identifier
+        ignored_any
     }
 }
 

@@ -1,3 +1,6 @@
 //! celeriac's integration tests, one module per concern.
 
+mod cli;
+mod config;
 mod sandbox;
+mod tasks;

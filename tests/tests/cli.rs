@@ -1,0 +1,184 @@
+//! The `celeriac` binary as a user runs it from the repository root, README commands included.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `celeriac` binary next to this test executable (`target/debug/celeriac`). `scripts/test`
+/// builds it before the tests run.
+fn binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join("celeriac");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build` first (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn celeriac(args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .current_dir(repo_root())
+        .env("CELERIAC_CACHE", celeriac_tests::test_cache_dir())
+        .env_remove("CELERIAC_CONFIG")
+        .env_remove("CELERIAC_MODULES")
+        .output()
+        .expect("run celeriac")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn run_prints_the_result_and_the_measurements() {
+    let out = celeriac(&["run", "diagnostics.noop", "--args", "[42]"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("result:  42"), "{stdout}");
+    assert!(stdout.contains("outcome: success") && stdout.contains("wall: "), "{stdout}");
+    assert!(stdout.contains("peak memory: "), "{stdout}");
+}
+
+#[test]
+fn every_example_task_runs_from_the_repository_root() {
+    let kv = tempfile::tempdir().unwrap();
+    let kv_file = kv.path().join("index.json");
+    let kv_file = kv_file.to_str().unwrap();
+    let runs: &[&[&str]] = &[
+        &[
+            "run",
+            "indexing.batch_index_channel",
+            "--follow",
+            "--kv-file",
+            kv_file,
+            "--kwargs",
+            "@examples/ops-channel.json",
+        ],
+        &[
+            "run",
+            "indexing.index_session",
+            "--kv-file",
+            kv_file,
+            "--kwargs",
+            r#"{"session_id":"s1","messages":[{"id":"x1","author":"a","content":"hello search index","timestamp":1}]}"#,
+        ],
+        &["run", "indexing.search", "--kv-file", kv_file, "--args", r#"["deploy migration"]"#],
+        &[
+            "run",
+            "summarize.summarize_session",
+            "--kv-file",
+            kv_file,
+            "--kwargs",
+            r#"{"session_id":"ops:m1","max_chars":120}"#,
+        ],
+        &[
+            "run",
+            "deletion.delete_message_vectors",
+            "--kv-file",
+            kv_file,
+            "--args",
+            r#"[["m4","m5"]]"#,
+        ],
+        &["run", "cleanup.cleanup_temp_files", "--kwargs", r#"{"older_than_seconds":86400}"#],
+        &["run", "diagnostics.noop", "--args", r#"["hi"]"#],
+        &["run", "diagnostics.sleep", "--args", "[10]"],
+        &["run", "diagnostics.spin", "--args", "[10]"],
+        &["run", "diagnostics.flaky", "--args", "[1]"],
+    ];
+    for args in runs {
+        let out = celeriac(args);
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{args:?}\n{stdout}{}", text(&out.stderr));
+        assert!(stdout.contains("outcome: success"), "{args:?}\n{stdout}");
+    }
+    // The index persisted between runs: search finds the session indexed by the first command,
+    // and not the one deleted since.
+    let search = |q: &str| {
+        let args = format!("[{q:?}]");
+        text(&celeriac(&["run", "indexing.search", "--kv-file", kv_file, "--args", &args]).stdout)
+    };
+    assert!(search("rollback").contains("ops:m1"));
+    assert!(search("pizza").contains("result:  []"));
+    // The example channel is from 2023: a one-day retention expires all of it.
+    let kwargs = r#"{"retention_seconds":86400}"#;
+    let out =
+        celeriac(&["run", "cleanup.cleanup_expired", "--kv-file", kv_file, "--kwargs", kwargs]);
+    assert!(text(&out.stdout).contains("ops:m1"), "{}", text(&out.stdout));
+    assert!(search("rollback").contains("result:  []"));
+}
+
+#[test]
+fn a_failing_task_exits_non_zero_with_its_error() {
+    let out = celeriac(&["run", "diagnostics.fail", "--args", r#"["boom"]"#]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("error:   ValueError: boom") && stdout.contains("outcome: failure"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn flags_override_the_configured_limits() {
+    let out =
+        celeriac(&["run", "diagnostics.spin", "--args", "[5000]", "--hard-time-limit", "200ms"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("TimeLimitExceeded") && stdout.contains("hard_time_limit"), "{stdout}");
+    let out = celeriac(&["run", "diagnostics.spin", "--args", "[10]", "--fuel", "1000"]);
+    assert!(text(&out.stdout).contains("outcome: out_of_fuel"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn unknown_task_and_bad_input_are_clear_errors() {
+    let out = celeriac(&["run", "nope.nothing"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("unknown task \"nope.nothing\""), "{}", text(&out.stderr));
+    let out = celeriac(&["run", "diagnostics.noop", "--args", "{not json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--args is not valid JSON"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_broken_config_file_names_the_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[defaults]\nhard_time_limit = \"soon\"\n").unwrap();
+    let out =
+        celeriac(&["--config", file.to_str().unwrap(), "run", "diagnostics.noop", "--args", "[1]"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml")
+            && stderr.contains("hard_time_limit")
+            && stderr.contains("invalid duration"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn modules_check_lists_tasks_and_rejects_foreign_modules() {
+    let out = celeriac(&["modules", "check"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("indexing.index_session") && stdout.contains("5 modules, 12 tasks: ok"),
+        "{stdout}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.wasm"), "(component (import \"wasi:http/outgoing-handler@0.2.0\" (instance (export \"handle\" (func)))))").unwrap();
+    let out = celeriac(&["modules", "check", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("web.wasm") && stderr.contains("wasi:http/outgoing-handler"),
+        "{stderr}"
+    );
+}
