@@ -125,6 +125,26 @@ async fn deep_recursion_traps_with_a_stack_overflow() {
 }
 
 #[tokio::test]
+async fn deep_recursion_with_big_frames_overflows_the_guest_stack_and_traps() {
+    // A Rust guest keeps big frames on its shadow stack in linear memory; running off its bottom
+    // is an out-of-bounds access inside the sandbox, never outside it.
+    let rt = runtime(false);
+    let m = module(&rt, "hostile").await;
+    let r = run(
+        &rt,
+        &m,
+        "hostile.recurse_with_frames",
+        json!([1]),
+        &limits_ms(10_000),
+        Grants::default(),
+        RunEnv::default(),
+    )
+    .await;
+    let Outcome::Trap { message, .. } = &r.outcome else { panic!("got {:?}", r.outcome) };
+    assert!(message.contains("out of bounds memory access"), "{message}");
+}
+
+#[tokio::test]
 async fn panic_is_a_trap_with_its_message_and_a_wasm_backtrace() {
     let rt = runtime(false);
     let m = module(&rt, "hostile").await;

@@ -222,7 +222,9 @@ impl Runtime {
             .total_stacks(config.max_instances)
             .max_memory_size(memory_slot as usize)
             .max_memories_per_component(2)
-            .max_tables_per_component(4);
+            .max_tables_per_component(4)
+            .linear_memory_keep_resident(limits::KEEP_RESIDENT)
+            .table_keep_resident(limits::KEEP_RESIDENT);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = wt(Engine::new(&wasm)).context("create wasmtime engine")?;
 

@@ -107,10 +107,9 @@ fn sweep(dir: &Path, cutoff: SystemTime, swept: &mut Swept, is_root: bool) {
             Err(e) => swept.errors.push(format!("{}: {e}", path.display())),
         }
     }
-    if !is_root && std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false) {
-        if std::fs::remove_dir(dir).is_ok() {
-            swept.folders_removed += 1;
-        }
+    let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false);
+    if !is_root && empty && std::fs::remove_dir(dir).is_ok() {
+        swept.folders_removed += 1;
     }
 }
 
