@@ -52,7 +52,11 @@ fn main() {
         cmd.env_remove(var);
     }
     let status = cmd.status().expect("run cargo to build the task components");
-    assert!(status.success(), "building the task components for wasm32-wasip2 failed");
+    assert!(
+        status.success(),
+        "building the task components for wasm32-wasip2 failed (is the target installed? \
+         `rustup target add wasm32-wasip2`)"
+    );
 
     for (_, lib, dest) in COMPONENTS {
         let from = build_dir.join("wasm32-wasip2/wasm-tasks").join(format!("{lib}.wasm"));
