@@ -20,8 +20,11 @@
 //! // In a component crate (`crate-type = ["cdylib"]`, built for `wasm32-wasip2`):
 //! // celeriac_sdk::export_tasks!(add);
 //!
-//! assert_eq!(add::NAME, "demo.add");
-//! assert_eq!(add::info().queue.as_deref(), Some("default"));
+//! fn main() {
+//!     assert_eq!(add::NAME, "demo.add");
+//!     assert_eq!(add::info().queue.as_deref(), Some("default"));
+//!     assert_eq!(add(&celeriac_sdk::Context::detached("id", 0), 2, 3), Ok(5));
+//! }
 //! ```
 //!
 //! A component built this way serves every task listed in [`export_tasks!`]; the host asks it for
