@@ -1,15 +1,23 @@
 //! The `celeriac` command line.
 
+use crate::broker::{BrokerOptions, RedisBroker};
+use crate::client;
 use crate::config::{Config, Overrides, TaskSettings};
 use crate::kv::KvStore;
+use crate::protocol::{self, NewTask};
 use crate::registry::Registry;
+use crate::results::ResultBackend;
 use crate::runtime::{Invocation, Outcome, RunEnv, RunReport};
 use crate::units::{ByteSize, HumanDuration};
+use crate::worker::{Worker, WorkerOptions};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// A Celery-compatible task worker that runs every task in a WebAssembly sandbox.
 #[derive(Debug, Parser)]
@@ -21,6 +29,15 @@ pub struct Cli {
     /// Folder of task components, overriding the file.
     #[arg(long, global = true)]
     pub modules: Option<PathBuf>,
+    /// Broker URL [env: CELERY_BROKER_URL, REDIS_URL; default: redis://localhost:6379/0].
+    #[arg(long, global = true)]
+    pub broker: Option<String>,
+    /// Result backend URL [env: CELERY_RESULT_BACKEND; default: the broker].
+    #[arg(long, global = true)]
+    pub result_backend: Option<String>,
+    /// kombu's global key prefix, put before every Redis key.
+    #[arg(long, global = true, default_value = "")]
+    pub global_prefix: String,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -31,6 +48,36 @@ pub struct Cli {
 pub enum Command {
     /// Run one task locally under its limits and grants, without a broker.
     Run(RunArgs),
+    /// Consume queues and run tasks.
+    Worker(WorkerArgs),
+    /// Send a task; prints its id.
+    Enqueue(EnqueueArgs),
+    /// Print a task's state and result.
+    Status {
+        /// Task id.
+        id: String,
+        /// Wait up to this long for the task to finish.
+        #[arg(long)]
+        wait: Option<HumanDuration>,
+    },
+    /// Revoke tasks: queued copies never run; with --terminate a running one is stopped.
+    Revoke {
+        /// Task ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Also stop the task if it is running.
+        #[arg(long)]
+        terminate: bool,
+        /// How long the revocation is remembered.
+        #[arg(long, default_value = "3h")]
+        ttl: HumanDuration,
+    },
+    /// Inspect, replay or purge dead letters.
+    Dlq {
+        /// The dlq subcommand.
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Inspect task modules.
     Modules {
         /// The modules subcommand.
@@ -47,6 +94,97 @@ pub enum ModulesCommand {
         /// Folder to check [default: the configured modules folder].
         dir: Option<PathBuf>,
     },
+}
+
+/// `celeriac dlq ...`
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters (of one queue, or the queues that have some).
+    List {
+        /// Queue.
+        queue: Option<String>,
+        /// Most records to show.
+        #[arg(long, default_value_t = 20)]
+        limit: isize,
+    },
+    /// Show one dead letter in full, by task id.
+    Show {
+        /// Queue.
+        queue: String,
+        /// Task id.
+        id: String,
+    },
+    /// Put dead letters back on their queue with their retry count reset.
+    Replay {
+        /// Queue.
+        queue: String,
+        /// Only this task id [default: all].
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Delete a queue's dead letters.
+    Purge {
+        /// Queue.
+        queue: String,
+    },
+}
+
+/// `celeriac worker ...`
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Queues to consume, in priority order [default: the queues of the loaded tasks].
+    #[arg(short = 'Q', long, value_delimiter = ',')]
+    pub queues: Vec<String>,
+    /// Task slots.
+    #[arg(short = 'c', long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Worker name.
+    #[arg(short = 'n', long)]
+    pub hostname: Option<String>,
+    /// How long running tasks may finish after SIGTERM/SIGINT.
+    #[arg(long, default_value = "30s")]
+    pub grace: HumanDuration,
+    /// How long a running task's lease lasts without renewal (a dead worker's tasks come back
+    /// after this).
+    #[arg(long, default_value = "30s")]
+    pub lease: HumanDuration,
+    /// kombu's visibility timeout for other workers' unacked messages.
+    #[arg(long, default_value = "1h")]
+    pub visibility_timeout: HumanDuration,
+    /// How long results are kept (Celery's result_expires; 0 keeps them).
+    #[arg(long, default_value = "1d")]
+    pub result_expires: HumanDuration,
+}
+
+/// `celeriac enqueue ...`
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Task name.
+    pub task: String,
+    /// Positional arguments as a JSON array, or @FILE.
+    #[arg(long, default_value = "[]")]
+    pub args: String,
+    /// Keyword arguments as a JSON object, or @FILE.
+    #[arg(long, default_value = "{}")]
+    pub kwargs: String,
+    /// Queue [default: the task's configured queue, else `celery`].
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Priority 0-9 (0 is served first).
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// Run no earlier than this long from now.
+    #[arg(long)]
+    pub countdown: Option<HumanDuration>,
+    /// Run no earlier than this time (ISO-8601).
+    #[arg(long)]
+    pub eta: Option<String>,
+    /// Do not run after this long from now.
+    #[arg(long)]
+    pub expires: Option<HumanDuration>,
+    /// Task id [default: a new UUID].
+    #[arg(long)]
+    pub id: Option<String>,
 }
 
 /// `celeriac run ...`
@@ -88,8 +226,61 @@ pub struct RunArgs {
 
 /// Runs the command line; the result is the process exit code.
 pub async fn main(cli: Cli) -> anyhow::Result<i32> {
-    let mut overrides = Overrides { modules: cli.modules.clone(), ..Overrides::default() };
+    let mut overrides = Overrides {
+        modules: cli.modules.clone(),
+        broker: cli.broker.clone(),
+        result_backend: cli.result_backend.clone(),
+        ..Overrides::default()
+    };
+    let prefix = cli.global_prefix.clone();
     match cli.command {
+        Command::Worker(args) => {
+            let config = Config::load(cli.config.as_deref(), &overrides)?;
+            worker(&config, &prefix, args).await
+        }
+        Command::Enqueue(args) => {
+            let config = Config::load(cli.config.as_deref(), &overrides)?;
+            enqueue(&config, &prefix, args).await
+        }
+        Command::Status { id, wait } => {
+            let config = Config::load(cli.config.as_deref(), &overrides)?;
+            let results =
+                ResultBackend::connect(&config.result_backend, &prefix, Duration::ZERO).await?;
+            let (state, meta) = match wait {
+                Some(w) => client::wait(&results, &id, w.0).await?,
+                None => client::status(&results, &id).await?,
+            };
+            println!("state:   {state}");
+            if let Some(meta) = &meta {
+                println!("result:  {}", meta["result"]);
+                if let Some(tb) = meta["traceback"].as_str() {
+                    println!("traceback:\n{}", tb.trim_end());
+                }
+            }
+            Ok(if state == "FAILURE" || state == "REVOKED" { 1 } else { 0 })
+        }
+        Command::Revoke { ids, terminate, ttl } => {
+            let config = Config::load(cli.config.as_deref(), &overrides)?;
+            let broker = RedisBroker::connect(&config.broker, broker_options(&prefix)).await?;
+            let results = ResultBackend::connect(
+                &config.result_backend,
+                &prefix,
+                Duration::from_secs(86_400),
+            )
+            .await?;
+            client::revoke(&broker, &results, &ids, terminate, ttl.0).await?;
+            println!(
+                "revoked {} task(s){}",
+                ids.len(),
+                if terminate { ", terminating running ones" } else { "" }
+            );
+            Ok(0)
+        }
+        Command::Dlq { command } => {
+            let config = Config::load(cli.config.as_deref(), &overrides)?;
+            let broker = RedisBroker::connect(&config.broker, broker_options(&prefix)).await?;
+            dlq(&broker, command).await
+        }
         Command::Run(args) => {
             overrides.task = TaskSettings {
                 soft_time_limit: args.soft_time_limit,
@@ -109,6 +300,153 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             modules_check(&config).await
         }
     }
+}
+
+fn broker_options(prefix: &str) -> BrokerOptions {
+    BrokerOptions { global_prefix: prefix.to_string(), ..BrokerOptions::default() }
+}
+
+async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Result<i32> {
+    let registry = Arc::new(Registry::load(config, args.concurrency as u32).await?);
+    let opts = BrokerOptions {
+        global_prefix: prefix.to_string(),
+        lease: args.lease.0,
+        visibility_timeout: args.visibility_timeout.0,
+    };
+    let broker = RedisBroker::connect(&config.broker, opts).await?;
+    let results =
+        ResultBackend::connect(&config.result_backend, prefix, args.result_expires.0).await?;
+    let kv = KvStore::redis(broker.conn(), prefix);
+    let queues = if args.queues.is_empty() {
+        let mut q: Vec<String> = registry.tasks().map(|e| e.spec.queue.clone()).collect();
+        q.push("celery".into());
+        q.sort();
+        q.dedup();
+        q
+    } else {
+        args.queues.clone()
+    };
+    let hostname = args.hostname.unwrap_or_else(|| format!("celeriac@{}", protocol::hostname()));
+    let options = WorkerOptions {
+        queues,
+        concurrency: args.concurrency.max(1),
+        hostname,
+        grace: args.grace.0,
+        revoke_ttl: Duration::from_secs(3 * 3600),
+    };
+    let w = Worker::new(registry, broker, results, kv, options);
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        signal.cancel();
+    });
+    w.clone().run(shutdown).await?;
+    let s = &w.stats;
+    use std::sync::atomic::Ordering::Relaxed;
+    eprintln!(
+        "stopped: {} succeeded, {} failed, {} retried, {} revoked, {} dead-lettered unread",
+        s.succeeded.load(Relaxed),
+        s.failed.load(Relaxed),
+        s.retried.load(Relaxed),
+        s.revoked.load(Relaxed),
+        s.poisoned.load(Relaxed)
+    );
+    Ok(0)
+}
+
+async fn enqueue(config: &Config, prefix: &str, args: EnqueueArgs) -> anyhow::Result<i32> {
+    let positional = json_flag("args", &args.args)?;
+    let keywords = json_flag("kwargs", &args.kwargs)?;
+    if !positional.is_array() || !keywords.is_object() {
+        anyhow::bail!("--args must be a JSON array and --kwargs a JSON object");
+    }
+    if args.priority.is_some_and(|p| p > 9) {
+        anyhow::bail!("--priority must be 0-9");
+    }
+    let queue = match args.queue {
+        Some(q) => q,
+        None => match config.tasks.get(&args.task).and_then(|t| t.queue.clone()) {
+            Some(q) => q,
+            // The task's own default queue is declared by its module.
+            None => match Registry::load(config, 1).await {
+                Ok(reg) => reg
+                    .get(&args.task)
+                    .map(|e| e.spec.queue.clone())
+                    .unwrap_or_else(|_| "celery".into()),
+                Err(_) => "celery".into(),
+            },
+        },
+    };
+    let eta = match (&args.eta, args.countdown) {
+        (Some(_), Some(_)) => anyhow::bail!("give --eta or --countdown, not both"),
+        (Some(t), None) => Some(
+            protocol::parse_time(t)
+                .ok_or_else(|| anyhow::anyhow!("--eta {t:?} is not an ISO-8601 time"))?,
+        ),
+        (None, Some(c)) => Some(chrono::Utc::now() + chrono::Duration::from_std(c.0)?),
+        (None, None) => None,
+    };
+    let expires = match args.expires {
+        Some(e) => Some(chrono::Utc::now() + chrono::Duration::from_std(e.0)?),
+        None => None,
+    };
+    let broker = RedisBroker::connect(&config.broker, broker_options(prefix)).await?;
+    let opts = NewTask { id: args.id, priority: args.priority, eta, expires, ..NewTask::default() };
+    let id = client::enqueue(&broker, &args.task, &positional, &keywords, &queue, &opts).await?;
+    println!("{id}");
+    Ok(0)
+}
+
+async fn dlq(broker: &RedisBroker, command: DlqCommand) -> anyhow::Result<i32> {
+    match command {
+        DlqCommand::List { queue: None, .. } => {
+            for q in client::dlq_queues(broker).await? {
+                let n = client::dlq_list(broker, &q, isize::MAX).await?.len();
+                println!("{q}\t{n}");
+            }
+        }
+        DlqCommand::List { queue: Some(q), limit } => {
+            for r in client::dlq_list(broker, &q, limit).await? {
+                println!(
+                    "{}  {:<20} {:<32} attempts={} {}",
+                    r["time"].as_str().unwrap_or("-"),
+                    r["reason"].as_str().unwrap_or("-"),
+                    r["task"].as_str().unwrap_or("-"),
+                    r["attempts"],
+                    r["id"].as_str().unwrap_or("-"),
+                );
+                println!("    {}", r["error"].as_str().unwrap_or(""));
+            }
+        }
+        DlqCommand::Show { queue, id } => {
+            let found = client::dlq_list(broker, &queue, isize::MAX)
+                .await?
+                .into_iter()
+                .find(|r| r["id"].as_str() == Some(id.as_str()));
+            match found {
+                Some(r) => println!("{}", serde_json::to_string_pretty(&r)?),
+                None => anyhow::bail!("no dead letter for task {id} in queue {queue}"),
+            }
+        }
+        DlqCommand::Replay { queue, id } => {
+            let n = client::dlq_replay(broker, &queue, id.as_deref()).await?;
+            println!("replayed {n}");
+        }
+        DlqCommand::Purge { queue } => {
+            let n = client::dlq_purge(broker, &queue).await?;
+            println!("purged {n}");
+        }
+    }
+    Ok(0)
 }
 
 /// Reads a JSON flag: inline text, or `@path` for a file.

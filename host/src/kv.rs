@@ -1,8 +1,9 @@
 //! The key-value store behind the tasks' `kv` import.
 //!
 //! Every task that is granted `kv` gets one namespace; the host prefixes each key with it, so a
-//! task can neither see nor touch another namespace. The in-memory store serves `celeriac run`
-//! (optionally saved to a file between runs) and tests.
+//! task can neither see nor touch another namespace. Workers keep it in Redis under
+//! `celeriac:kv:<namespace>:<key>`; `celeriac run` and tests use the in-memory store (optionally
+//! saved to a file between runs).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -33,16 +34,30 @@ struct Contents {
 }
 
 /// A shared store; cloning shares it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KvStore {
     inner: Arc<Mutex<Contents>>,
     file: Option<PathBuf>,
+    redis: Option<(redis::aio::ConnectionManager, String)>,
+}
+
+impl std::fmt::Debug for KvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvStore")
+            .field("file", &self.file)
+            .field("redis", &self.redis.is_some())
+            .finish()
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> KvError {
+    KvError::Unavailable(format!("kv store: {e}"))
 }
 
 impl KvStore {
     /// An empty in-memory store.
     pub fn memory() -> Self {
-        KvStore { inner: Arc::default(), file: None }
+        KvStore { inner: Arc::default(), file: None, redis: None }
     }
 
     /// A store loaded from `path` (empty if the file does not exist) and saved back by
@@ -55,7 +70,29 @@ impl KvStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Contents::default(),
             Err(e) => return Err(e).with_context(|| format!("read kv file {}", path.display())),
         };
-        Ok(KvStore { inner: Arc::new(Mutex::new(contents)), file: Some(path.to_path_buf()) })
+        Ok(KvStore {
+            inner: Arc::new(Mutex::new(contents)),
+            file: Some(path.to_path_buf()),
+            redis: None,
+        })
+    }
+
+    /// A store in Redis; `prefix` is the global key prefix.
+    pub fn redis(conn: redis::aio::ConnectionManager, prefix: &str) -> Self {
+        KvStore {
+            inner: Arc::default(),
+            file: None,
+            redis: Some((conn, format!("{prefix}celeriac:kv:"))),
+        }
+    }
+
+    fn remote(
+        &self,
+        ns: &str,
+        key: &str,
+    ) -> Result<Option<(redis::aio::ConnectionManager, String)>, KvError> {
+        let full = Self::full_key(ns, key)?;
+        Ok(self.redis.as_ref().map(|(c, p)| (c.clone(), format!("{p}{full}"))))
     }
 
     /// Writes a file-backed store back to its file; a no-op for a memory store.
@@ -84,6 +121,9 @@ impl KvStore {
 
     /// Reads a value.
     pub async fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        if let Some((mut c, k)) = self.remote(ns, key)? {
+            return redis::AsyncCommands::get(&mut c, k).await.map_err(unavailable);
+        }
         let key = Self::full_key(ns, key)?;
         Ok(self.lock().values.get(&key).map(|v| hex::decode(v).unwrap_or_default()))
     }
@@ -96,6 +136,9 @@ impl KvStore {
                 value.len()
             )));
         }
+        if let Some((mut c, k)) = self.remote(ns, key)? {
+            return redis::AsyncCommands::set(&mut c, k, value).await.map_err(unavailable);
+        }
         let key = Self::full_key(ns, key)?;
         self.lock().values.insert(key, hex::encode(value));
         Ok(())
@@ -103,6 +146,16 @@ impl KvStore {
 
     /// Removes keys (values or sets); returns how many existed.
     pub async fn delete(&self, ns: &str, keys: &[String]) -> Result<u32, KvError> {
+        if let Some((conn, prefix)) = &self.redis {
+            if keys.is_empty() {
+                return Ok(0);
+            }
+            let full: Vec<String> = keys
+                .iter()
+                .map(|k| Self::full_key(ns, k).map(|f| format!("{prefix}{f}")))
+                .collect::<Result<_, _>>()?;
+            return redis::AsyncCommands::del(&mut conn.clone(), full).await.map_err(unavailable);
+        }
         let mut c = self.lock();
         let mut n = 0;
         for key in keys {
@@ -116,6 +169,12 @@ impl KvStore {
 
     /// Adds members to a set; returns how many were new.
     pub async fn set_add(&self, ns: &str, key: &str, members: &[String]) -> Result<u32, KvError> {
+        if let Some((mut c, k)) = self.remote(ns, key)? {
+            if members.is_empty() {
+                return Ok(0);
+            }
+            return redis::AsyncCommands::sadd(&mut c, k, members).await.map_err(unavailable);
+        }
         let key = Self::full_key(ns, key)?;
         let mut c = self.lock();
         let set = c.sets.entry(key).or_default();
@@ -129,6 +188,12 @@ impl KvStore {
         key: &str,
         members: &[String],
     ) -> Result<u32, KvError> {
+        if let Some((mut c, k)) = self.remote(ns, key)? {
+            if members.is_empty() {
+                return Ok(0);
+            }
+            return redis::AsyncCommands::srem(&mut c, k, members).await.map_err(unavailable);
+        }
         let key = Self::full_key(ns, key)?;
         let mut c = self.lock();
         let Some(set) = c.sets.get_mut(&key) else { return Ok(0) };
@@ -141,6 +206,9 @@ impl KvStore {
 
     /// Lists a set's members.
     pub async fn set_members(&self, ns: &str, key: &str) -> Result<Vec<String>, KvError> {
+        if let Some((mut c, k)) = self.remote(ns, key)? {
+            return redis::AsyncCommands::smembers(&mut c, k).await.map_err(unavailable);
+        }
         let key = Self::full_key(ns, key)?;
         Ok(self.lock().sets.get(&key).map(|s| s.iter().cloned().collect()).unwrap_or_default())
     }

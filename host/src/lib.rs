@@ -10,17 +10,27 @@
 //!   into limits and grants.
 //! - [`registry`]: the loaded modules and which task each one serves.
 //! - [`kv`]: the store behind the tasks' key-value import.
+//! - [`worker`]: the worker loop and the life of one task, top to bottom.
+//! - [`protocol`]: Celery's wire format (kombu envelope, protocol-v2 messages, result meta).
+//! - [`broker`]: kombu's Redis layout: fetch, ack, leases, restore, scheduling, revocation.
+//! - [`results`]: the Celery result backend on Redis.
+//! - [`client`]: enqueue, status, revoke and dead-letter commands.
 //! - [`units`]: human durations and sizes (`5m`, `64MiB`).
 //! - [`cli`]: the `celeriac` command line.
 #![warn(missing_docs)]
 
+pub mod broker;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod kv;
+pub mod protocol;
 pub mod registry;
+pub mod results;
 
 pub mod runtime;
 pub mod units;
+pub mod worker;
 
 /// Where `cargo build` put the example task components (`target/tasks`).
 pub const BUILT_TASKS_DIR: &str = env!("CELERIAC_BUILT_TASKS_DIR");

@@ -1,0 +1,81 @@
+//! The Celery result backend on Redis: `celery-task-meta-<id>` written with SETEX and announced
+//! with PUBLISH on the same key, which is what `AsyncResult.get()` waits for.
+
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use std::time::Duration;
+
+/// SET (with expiry when ARGV[1] > 0) and PUBLISH each KEYS[i] to ARGV[i + 1], unless the key
+/// already holds a SUCCESS (Python writes `"status": "SUCCESS"`, celeriac without the space).
+const STORE: &str = r#"
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local cur = redis.call('GET', key)
+  if not (cur and string.find(cur, '"status":%s*"SUCCESS"')) then
+    if ttl > 0 then redis.call('SET', key, ARGV[i + 1], 'EX', ttl)
+    else redis.call('SET', key, ARGV[i + 1]) end
+    redis.call('PUBLISH', key, ARGV[i + 1])
+  end
+end
+return 0
+"#;
+
+/// The result backend.
+#[derive(Clone)]
+pub struct ResultBackend {
+    conn: ConnectionManager,
+    prefix: String,
+    expires: Duration,
+    store_script: redis::Script,
+}
+
+impl std::fmt::Debug for ResultBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResultBackend").field("prefix", &self.prefix).finish()
+    }
+}
+
+/// One result to store.
+#[derive(Debug, Clone)]
+pub struct StoredResult {
+    /// Task id.
+    pub id: String,
+    /// The meta JSON (see [`crate::protocol::result_meta`]).
+    pub meta: String,
+}
+
+impl ResultBackend {
+    /// Connects to `url`; `expires` is Celery's `result_expires` (0 keeps results forever).
+    pub async fn connect(url: &str, prefix: &str, expires: Duration) -> anyhow::Result<Self> {
+        Ok(ResultBackend {
+            conn: crate::broker::connect(url).await?,
+            prefix: prefix.to_string(),
+            expires,
+            store_script: redis::Script::new(STORE),
+        })
+    }
+
+    /// The key of a task's result.
+    pub fn key(&self, id: &str) -> String {
+        format!("{}celery-task-meta-{id}", self.prefix)
+    }
+
+    /// Stores results in one round trip. A stored SUCCESS is never overwritten: a redelivered
+    /// message that ran again must not replace the first result with a later state.
+    pub async fn store(&self, results: &[StoredResult]) -> redis::RedisResult<()> {
+        if results.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.store_script.prepare_invoke();
+        inv.arg(self.expires.as_secs());
+        for r in results {
+            inv.key(self.key(&r.id)).arg(&r.meta);
+        }
+        inv.invoke_async(&mut self.conn.clone()).await
+    }
+
+    /// Reads a result: the meta JSON, or `None` while PENDING.
+    pub async fn get(&self, id: &str) -> redis::RedisResult<Option<String>> {
+        self.conn.clone().get(self.key(id)).await
+    }
+}

@@ -1,0 +1,628 @@
+//! The worker, and the life of one task from top to bottom ([`Worker::handle`]):
+//! fetch → decode → check revoked / expired / ETA → rate limit → run in the sandbox → classify →
+//! store the result → ack, retry or dead-letter.
+//!
+//! Delivery is at least once: a message leaves Redis only after its result is stored, in the same
+//! atomic step that publishes its retry, its children or its dead-letter record. While a task
+//! runs its lease is renewed; if the worker dies the lease runs out and any worker restores the
+//! message. A failed task is logged and the loop goes on; losing Redis makes the loop wait and
+//! reconnect, never exit.
+
+use crate::broker::{Delivery, RedisBroker, now_secs};
+use crate::kv::KvStore;
+use crate::protocol::{self, NewTask, Poison, TaskMessage, states};
+use crate::registry::Registry;
+use crate::results::{ResultBackend, StoredResult};
+use crate::runtime::{Invocation, Outcome, RunEnv, RunReport, Signals};
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+/// Longest the fetch loop sleeps when the queues are empty. It starts at 1 ms and doubles, so a
+/// busy worker picks up new work within about a millisecond and an idle one polls 30 times a
+/// second.
+const MAX_IDLE_POLL: Duration = Duration::from_millis(32);
+/// How often leases are renewed, due ETA messages moved and revocations of running tasks checked.
+const MAINTENANCE_TICK: Duration = Duration::from_millis(250);
+/// How often expired leases are restored.
+const RESTORE_EVERY: Duration = Duration::from_secs(2);
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Queues in priority order (strict: a later queue is served only when earlier ones are
+    /// empty).
+    pub queues: Vec<String>,
+    /// Task slots.
+    pub concurrency: usize,
+    /// `celeriac@<host>`.
+    pub hostname: String,
+    /// How long running tasks may finish after a shutdown signal.
+    pub grace: Duration,
+    /// How long revocations are remembered.
+    pub revoke_ttl: Duration,
+}
+
+/// Counters, for the shutdown summary and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Runs that succeeded.
+    pub succeeded: AtomicU64,
+    /// Runs that failed for good (dead-lettered).
+    pub failed: AtomicU64,
+    /// Runs rescheduled for a retry.
+    pub retried: AtomicU64,
+    /// Messages dead-lettered without running (poison, unknown task).
+    pub poisoned: AtomicU64,
+    /// Messages skipped as revoked or expired.
+    pub revoked: AtomicU64,
+}
+
+struct Running {
+    id: String,
+    signals: Signals,
+}
+
+/// A celeriac worker bound to a broker, a result backend and a set of loaded tasks.
+pub struct Worker {
+    registry: Arc<Registry>,
+    broker: RedisBroker,
+    results: ResultBackend,
+    kv: KvStore,
+    opts: WorkerOptions,
+    id: String,
+    fetches: AtomicU64,
+    running: Mutex<HashMap<String, Running>>,
+    /// Counters since start.
+    pub stats: Stats,
+}
+
+/// What became of one message.
+enum Disposition {
+    /// Store these results, then ack together with these broker commands.
+    Finish { results: Vec<StoredResult>, then: redis::Pipeline },
+    /// Leave the message unacked: the worker is shutting down and it goes back to its queue.
+    Requeue,
+}
+
+impl Worker {
+    /// A worker; call [`run`](Self::run) to start it.
+    pub fn new(
+        registry: Arc<Registry>,
+        broker: RedisBroker,
+        results: ResultBackend,
+        kv: KvStore,
+        opts: WorkerOptions,
+    ) -> Arc<Self> {
+        Arc::new(Worker {
+            registry,
+            broker,
+            results,
+            kv,
+            opts,
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            fetches: AtomicU64::new(0),
+            running: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+        })
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs until `shutdown` is cancelled, then lets running tasks finish within the grace
+    /// period and hands the rest back to their queues.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.broker.declare(&self.opts.queues).await?;
+        info!(worker = %self.opts.hostname, queues = ?self.opts.queues, concurrency = self.opts.concurrency, "worker ready");
+        let stop_maintenance = CancellationToken::new();
+        let maintenance = tokio::spawn(self.clone().maintain(stop_maintenance.clone()));
+        let slots = Arc::new(Semaphore::new(self.opts.concurrency));
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut idle = Duration::ZERO;
+        let mut redis_down = Duration::ZERO;
+        while !shutdown.is_cancelled() {
+            while tasks.try_join_next().is_some() {}
+            let free = slots.available_permits();
+            if free == 0 {
+                // Fetch only when a slot is free: no prefetching that hoards messages.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    permit = slots.clone().acquire_owned() => drop(permit),
+                }
+                continue;
+            }
+            let n = self.fetches.fetch_add(1, Ordering::Relaxed);
+            let prefix = format!("{}.{n}.", self.id);
+            let deliveries = match self.broker.fetch(&self.opts.queues, free, &prefix).await {
+                Ok(d) => {
+                    redis_down = Duration::ZERO;
+                    d
+                }
+                Err(e) => {
+                    redis_down =
+                        (redis_down * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+                    warn!("fetch failed, retrying in {redis_down:?}: {e}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(redis_down) => continue,
+                    }
+                }
+            };
+            if deliveries.is_empty() {
+                idle = (idle * 2).clamp(Duration::from_millis(1), MAX_IDLE_POLL);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(idle) => continue,
+                }
+            }
+            idle = Duration::ZERO;
+            for d in deliveries {
+                let permit = slots.clone().acquire_owned().await?;
+                let signals = Signals::default();
+                self.running()
+                    .insert(d.tag.clone(), Running { id: String::new(), signals: signals.clone() });
+                let me = self.clone();
+                let stop = shutdown.clone();
+                tasks.spawn(async move {
+                    me.process(d, signals, stop).await;
+                    drop(permit);
+                });
+            }
+        }
+        info!(
+            "shutting down: waiting up to {:?} for {} running tasks",
+            self.opts.grace,
+            tasks.len()
+        );
+        let drained = tokio::time::timeout(self.opts.grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            for r in self.running().values() {
+                r.signals.terminate();
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+        stop_maintenance.cancel();
+        let _ = maintenance.await;
+        // Whatever is still unacked (stopped at shutdown) goes back to its queue now rather than
+        // after its lease: its tags are ours and nobody runs them any more.
+        let leftovers: Vec<String> = self.running().keys().cloned().collect();
+        if !leftovers.is_empty() {
+            self.requeue_now(&leftovers).await;
+        }
+        Ok(())
+    }
+
+    /// Handles one delivery and settles it with the broker.
+    async fn process(&self, d: Delivery, signals: Signals, shutdown: CancellationToken) {
+        let disposition = self.handle(&d, signals, &shutdown).await;
+        match disposition {
+            Disposition::Requeue => {}
+            Disposition::Finish { results, then } => {
+                self.settle(&d.tag, &results, then).await;
+                self.running().remove(&d.tag);
+            }
+        }
+    }
+
+    /// The life of one task. Returns what to store and how to settle the message; never fails:
+    /// every problem becomes a result or a dead letter.
+    async fn handle(
+        &self,
+        d: &Delivery,
+        signals: Signals,
+        shutdown: &CancellationToken,
+    ) -> Disposition {
+        // Decode. A message that is not a Celery v2 task goes to the dead-letter list untouched.
+        let msg = match protocol::decode(&d.payload) {
+            Ok(m) => m,
+            Err(poison) => return self.poison(d, &poison),
+        };
+        if let Some(r) = self.running().get_mut(&d.tag) {
+            r.id = msg.id.clone();
+        }
+        let span = info_span!("task", task.id = %msg.id, task.name = %msg.task);
+        async move {
+            // Unknown task: nobody here can run it. Fail it visibly rather than drop it.
+            let Ok(entry) = self.registry.get(&msg.task) else {
+                self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
+                let reason = format!("task {:?} is not registered with this worker", msg.task);
+                let failure = self.result(
+                    &msg,
+                    states::FAILURE,
+                    protocol::exception("NotRegistered", &reason),
+                    &[],
+                );
+                return self.finish_dead(d, &msg, "unknown_task", &reason, vec![failure]);
+            };
+
+            // Revoked (by id) or expired: never run.
+            if self.broker.revoked(&[msg.id.as_str()]).await.ok().and_then(|v| v.first().copied())
+                == Some(true)
+            {
+                self.stats.revoked.fetch_add(1, Ordering::Relaxed);
+                info!(queue = %d.queue, outcome = "revoked", "task revoked before it ran");
+                return self.finish_revoked(&msg, "revoked");
+            }
+            if msg.expires.is_some_and(|e| e <= Utc::now()) {
+                self.stats.revoked.fetch_add(1, Ordering::Relaxed);
+                info!(queue = %d.queue, outcome = "expired", "task expired before it ran");
+                return self.finish_revoked(&msg, "expired");
+            }
+
+            // Not due yet: park it in the scheduled set, not in worker memory.
+            if let Some(eta) = msg.eta.filter(|e| *e > Utc::now()) {
+                let mut then = redis::pipe();
+                self.broker.schedule_into(
+                    &mut then,
+                    &d.queue,
+                    msg.priority,
+                    &String::from_utf8_lossy(&d.payload),
+                    eta.timestamp_millis(),
+                );
+                return Disposition::Finish { results: vec![], then };
+            }
+
+            // Global rate limit: no token, come back when there will be one.
+            if let Some(rate) = entry.spec.rate_limit {
+                let per_second = f64::from(rate.count) / rate.per.as_secs_f64();
+                match self
+                    .broker
+                    .take_token(&msg.task, per_second, f64::from(rate.count).max(1.0))
+                    .await
+                {
+                    Ok(Some(wait)) => {
+                        let mut then = redis::pipe();
+                        let at = now_ms() + wait.as_millis() as i64;
+                        self.broker.schedule_into(
+                            &mut then,
+                            &d.queue,
+                            msg.priority,
+                            &String::from_utf8_lossy(&d.payload),
+                            at,
+                        );
+                        return Disposition::Finish { results: vec![], then };
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!("rate limiter unavailable, running anyway: {e}"),
+                }
+            }
+
+            // Run it.
+            let started = self.result(
+                &msg,
+                states::STARTED,
+                json!({"pid": std::process::id(), "hostname": self.opts.hostname}),
+                &[],
+            );
+            if let Err(e) = self.results.store(&[started]).await {
+                warn!("could not store STARTED: {e}");
+            }
+            let mut limits = entry.spec.limits.clone();
+            // A producer's per-call `time_limit` / `soft_time_limit` win, as in Celery.
+            if let Some(hard) = msg.time_limits.0.filter(|h| *h > 0.0) {
+                limits.hard_time_limit = Duration::from_secs_f64(hard);
+            }
+            if let Some(soft) = msg.time_limits.1.filter(|s| *s > 0.0) {
+                limits.soft_time_limit =
+                    Some(Duration::from_secs_f64(soft)).filter(|s| *s < limits.hard_time_limit);
+            }
+            let invocation = Invocation {
+                id: msg.id.clone(),
+                task: msg.task.clone(),
+                args: msg.args.to_string(),
+                kwargs: msg.kwargs.to_string(),
+                retries: msg.retries,
+            };
+            let env = RunEnv { kv: Some(self.kv.clone()), progress: None, signals };
+            let report = self
+                .registry
+                .runtime()
+                .run(&entry.module, &invocation, &limits, entry.spec.grants.clone(), env)
+                .await;
+            info!(
+                queue = %d.queue,
+                retries = msg.retries,
+                runtime_ms = report.wall.as_secs_f64() * 1000.0,
+                outcome = report.outcome.kind(),
+                "task finished"
+            );
+            if report.outcome == Outcome::Terminated && shutdown.is_cancelled() {
+                // Stopped because the worker is going away: hand it back, do not fail it.
+                return Disposition::Requeue;
+            }
+            self.classify(d, &msg, &entry.spec, report)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Turns a run's outcome into the results to store and the broker commands to run with the
+    /// ack: children on success, a rescheduled copy on retry, a dead letter when retries are
+    /// exhausted or the failure is permanent.
+    fn classify(
+        &self,
+        d: &Delivery,
+        msg: &TaskMessage,
+        spec: &crate::config::TaskSpec,
+        report: RunReport,
+    ) -> Disposition {
+        let outcome = &report.outcome;
+        if let Outcome::Success { result } = outcome {
+            self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+            let mut then = redis::pipe();
+            let children: Vec<String> =
+                report.children.iter().map(|c| self.publish_child(&mut then, msg, c)).collect();
+            let value: Value = serde_json::from_str(result).unwrap_or(Value::Null);
+            let stored = self.result(msg, states::SUCCESS, value, &children);
+            return Disposition::Finish { results: vec![stored], then };
+        }
+        if outcome == &Outcome::Terminated {
+            self.stats.revoked.fetch_add(1, Ordering::Relaxed);
+            return self.finish_revoked(msg, "terminated");
+        }
+        let (exc_type, message) = outcome.exception().unwrap_or_default();
+        let exception = protocol::exception(&exc_type, &message);
+        let traceback = match outcome {
+            Outcome::Trap { backtrace: Some(bt), .. } => format!("{exc_type}: {message}\n{bt}"),
+            _ => format!("{exc_type}: {message}"),
+        };
+        if spec.retry.should_retry(outcome, msg.retries) {
+            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            let delay = match outcome {
+                Outcome::Retry { countdown: Some(c), .. } => *c,
+                _ => jitter(spec.retry.delay(msg.retries), spec.retry.jitter),
+            };
+            let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+            let mut then = redis::pipe();
+            self.broker.schedule_into(
+                &mut then,
+                &d.queue,
+                msg.priority,
+                &msg.retry_envelope(eta),
+                eta.timestamp_millis(),
+            );
+            let stored = StoredResult {
+                id: msg.id.clone(),
+                meta: protocol::result_meta(
+                    &msg.id,
+                    states::RETRY,
+                    exception,
+                    Some(&traceback),
+                    &[],
+                ),
+            };
+            return Disposition::Finish { results: vec![stored], then };
+        }
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        let stored = StoredResult {
+            id: msg.id.clone(),
+            meta: protocol::result_meta(&msg.id, states::FAILURE, exception, Some(&traceback), &[]),
+        };
+        let reason = if matches!(outcome, Outcome::Failed { .. })
+            || !spec.retry.retry_on.iter().any(|k| k == outcome.kind())
+        {
+            "failed"
+        } else {
+            "retries_exhausted"
+        };
+        self.finish_dead(d, msg, reason, &format!("{exc_type}: {message}"), vec![stored])
+    }
+
+    /// The envelope of a child task, published with the parent's ack.
+    fn publish_child(
+        &self,
+        pipe: &mut redis::Pipeline,
+        parent: &TaskMessage,
+        child: &crate::runtime::ChildTask,
+    ) -> String {
+        let queue = child.queue.clone().unwrap_or_else(|| {
+            self.registry
+                .get(&child.name)
+                .map(|e| e.spec.queue.clone())
+                .unwrap_or_else(|_| "celery".into())
+        });
+        let opts = NewTask {
+            id: Some(child.id.clone()),
+            priority: child.priority,
+            parent_id: Some(parent.id.clone()),
+            root_id: Some(parent.root_id.clone().unwrap_or_else(|| parent.id.clone())),
+            eta: child
+                .countdown
+                .map(|c| Utc::now() + chrono::Duration::from_std(c).unwrap_or_default()),
+            ..NewTask::default()
+        };
+        let (id, envelope) =
+            protocol::encode(&child.name, &child.args, &child.kwargs, &queue, &opts);
+        let priority = child.priority.unwrap_or(0);
+        match opts.eta {
+            Some(eta) => {
+                self.broker.schedule_into(pipe, &queue, priority, &envelope, eta.timestamp_millis())
+            }
+            None => self.broker.publish_into(pipe, &queue, priority, &envelope),
+        }
+        id
+    }
+
+    fn result(
+        &self,
+        msg: &TaskMessage,
+        status: &str,
+        result: Value,
+        children: &[String],
+    ) -> StoredResult {
+        StoredResult {
+            id: msg.id.clone(),
+            meta: protocol::result_meta(&msg.id, status, result, None, children),
+        }
+    }
+
+    fn finish_revoked(&self, msg: &TaskMessage, why: &str) -> Disposition {
+        let exc = json!({"exc_type": "TaskRevokedError", "exc_message": [why], "exc_module": "celery.exceptions"});
+        Disposition::Finish {
+            results: vec![self.result(msg, states::REVOKED, exc, &[])],
+            then: redis::pipe(),
+        }
+    }
+
+    fn poison(&self, d: &Delivery, poison: &Poison) -> Disposition {
+        self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
+        warn!(queue = %d.queue, reason = poison.kind(), "dead-lettering an undecodable message: {poison}");
+        let mut then = redis::pipe();
+        let record =
+            dead_letter_record(d, None, poison.kind(), &poison.to_string(), 0, &self.opts.hostname);
+        then.lpush(self.broker.dlq_key(&d.queue), record).ignore();
+        Disposition::Finish { results: vec![], then }
+    }
+
+    fn finish_dead(
+        &self,
+        d: &Delivery,
+        msg: &TaskMessage,
+        reason: &str,
+        error: &str,
+        results: Vec<StoredResult>,
+    ) -> Disposition {
+        warn!(queue = %d.queue, reason, "dead-lettering after {} attempts: {error}", msg.retries + 1);
+        let mut then = redis::pipe();
+        let record =
+            dead_letter_record(d, Some(msg), reason, error, msg.retries + 1, &self.opts.hostname);
+        then.lpush(self.broker.dlq_key(&d.queue), record).ignore();
+        Disposition::Finish { results, then }
+    }
+
+    /// Stores results, then acks atomically with the follow-up commands. If Redis is away, keeps
+    /// trying: the lease keeps the message safe meanwhile, and giving up would run it twice.
+    async fn settle(&self, tag: &str, results: &[StoredResult], mut then: redis::Pipeline) {
+        let mut delay = Duration::from_millis(50);
+        while let Err(e) = self.results.store(results).await {
+            warn!("storing results failed, retrying in {delay:?}: {e}");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        then.atomic();
+        self.broker.ack_into(&mut then, tag);
+        let mut delay = Duration::from_millis(50);
+        while let Err(e) = self.broker.exec(&then).await {
+            warn!("ack failed, retrying in {delay:?}: {e}");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Renews leases, moves due messages, notices revocations of running tasks, restores expired
+    /// leases of dead workers.
+    async fn maintain(self: Arc<Self>, stop: CancellationToken) {
+        let mut last_restore = Instant::now() - RESTORE_EVERY;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(MAINTENANCE_TICK) => {}
+            }
+            let (tags, ids): (Vec<String>, Vec<String>) =
+                self.running().iter().map(|(t, r)| (t.clone(), r.id.clone())).unzip();
+            if let Err(e) = self.broker.renew(&tags).await {
+                warn!("lease renewal failed: {e}");
+            }
+            let live: Vec<&str> =
+                ids.iter().map(String::as_str).filter(|i| !i.is_empty()).collect();
+            if let Ok(flags) = self.broker.terminating(&live).await {
+                let running = self.running();
+                for (id, terminate) in live.iter().zip(flags) {
+                    if terminate {
+                        running
+                            .values()
+                            .filter(|r| r.id == *id)
+                            .for_each(|r| r.signals.terminate());
+                    }
+                }
+            }
+            if let Err(e) = self.broker.move_due().await {
+                warn!("moving due messages failed: {e}");
+            }
+            if last_restore.elapsed() >= RESTORE_EVERY {
+                last_restore = Instant::now();
+                match self.broker.restore_expired().await {
+                    Ok(Some(n)) if n > 0 => info!("restored {n} messages whose lease expired"),
+                    Ok(_) => {}
+                    Err(e) => warn!("restoring expired leases failed: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Returns our unacked messages to their queues at once (shutdown).
+    async fn requeue_now(&self, tags: &[String]) {
+        if let Err(e) = self
+            .broker
+            .expire_leases(tags)
+            .await
+            .and(self.broker.restore_expired().await.map(|_| ()))
+        {
+            warn!(
+                "could not requeue {} messages now; they return when their lease expires: {e}",
+                tags.len()
+            );
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    (now_secs() * 1000.0) as i64
+}
+
+/// Full jitter: uniform in [0, delay] so retries of many failed tasks spread out.
+fn jitter(delay: Duration, enabled: bool) -> Duration {
+    if !enabled || delay.is_zero() {
+        return delay;
+    }
+    let r: f64 = rand::random();
+    delay.mul_f64(r)
+}
+
+/// A dead-letter record: why, how often, the last error, when, and the original message
+/// untouched (as text, or base64 when it is not UTF-8).
+pub fn dead_letter_record(
+    d: &Delivery,
+    msg: Option<&TaskMessage>,
+    reason: &str,
+    error: &str,
+    attempts: u32,
+    worker: &str,
+) -> String {
+    let (message, encoding) = match std::str::from_utf8(&d.payload) {
+        Ok(text) => (Value::String(text.to_string()), "utf-8"),
+        Err(_) => {
+            use base64::Engine as _;
+            (Value::String(base64::engine::general_purpose::STANDARD.encode(&d.payload)), "base64")
+        }
+    };
+    json!({
+        "reason": reason,
+        "error": error,
+        "attempts": attempts,
+        "time": protocol::format_time(Utc::now()),
+        "queue": d.queue,
+        "task": msg.map(|m| m.task.clone()),
+        "id": msg.map(|m| m.id.clone()),
+        "worker": worker,
+        "message": message,
+        "message_encoding": encoding,
+    })
+    .to_string()
+}
+
+/// Parses a time given on the command line: ISO-8601, or `now`.
+pub fn parse_cli_time(s: &str) -> Option<DateTime<Utc>> {
+    if s == "now" { Some(Utc::now()) } else { protocol::parse_time(s) }
+}
