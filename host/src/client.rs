@@ -47,7 +47,16 @@ pub async fn wait(
 ) -> anyhow::Result<(String, Option<Value>)> {
     let start = Instant::now();
     loop {
-        let (state, meta) = status(results, id).await?;
+        let (state, meta) = match status(results, id).await {
+            Ok(found) => found,
+            // Redis restarting or briefly away: the connection heals itself; keep waiting.
+            Err(e) if start.elapsed() < timeout => {
+                tracing::debug!("status of {id}: {e:#}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let ready = matches!(state.as_str(), states::SUCCESS | states::FAILURE | states::REVOKED);
         if ready || start.elapsed() >= timeout {
             return Ok((state, meta));

@@ -4,3 +4,4 @@ mod cli;
 mod config;
 mod sandbox;
 mod tasks;
+mod worker;

@@ -461,8 +461,12 @@ impl Runtime {
         }
         report.output = String::from_utf8_lossy(&output.contents()).into_owned();
         let cancelled = store.data().task.cancelled();
+        let terminated = store.data().task.signals.is_terminated();
         let memory_hit = store.data().limiter.hit;
         report.outcome = match result {
+            // A task stopped by revoke may notice `cancelled()` and return an error before the
+            // epoch check stops it; either way it was terminated.
+            Ok(Ok(Err(_)) | Err(_)) if terminated => Outcome::Terminated,
             Err(_elapsed) => Outcome::HardTimeLimit { limit: limits.hard_time_limit },
             Ok(Err(Err(instantiate))) => {
                 Outcome::HostError { message: format!("instantiate: {instantiate:#}") }
