@@ -2,6 +2,7 @@
 
 mod cli;
 mod config;
+mod interop;
 mod sandbox;
 mod tasks;
 mod worker;

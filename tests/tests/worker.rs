@@ -18,17 +18,17 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-const QUEUES: &[&str] = &["default", "indexing", "maintenance", "celery"];
+pub(crate) const QUEUES: &[&str] = &["default", "indexing", "maintenance", "celery"];
 
 /// A worker running in this process until dropped.
-struct TestWorker {
+pub(crate) struct TestWorker {
     worker: Arc<Worker>,
     stop: CancellationToken,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestWorker {
-    async fn stop(mut self) -> Arc<Worker> {
+    pub(crate) async fn stop(mut self) -> Arc<Worker> {
         self.stop.cancel();
         self.handle.take().unwrap().await.unwrap().unwrap();
         self.worker.clone()
@@ -41,7 +41,7 @@ impl Drop for TestWorker {
     }
 }
 
-fn config(tweak: impl FnOnce(&mut Config)) -> Config {
+pub(crate) fn config(tweak: impl FnOnce(&mut Config)) -> Config {
     let overrides =
         Overrides { modules: Some(celeriac::BUILT_TASKS_DIR.into()), ..Overrides::default() };
     let mut config = Config::load(Some(&repo_root().join("celeriac.toml")), &overrides).unwrap();
@@ -50,22 +50,22 @@ fn config(tweak: impl FnOnce(&mut Config)) -> Config {
     config
 }
 
-fn settings(f: impl FnOnce(&mut TaskSettings)) -> TaskSettings {
+pub(crate) fn settings(f: impl FnOnce(&mut TaskSettings)) -> TaskSettings {
     let mut s = TaskSettings::default();
     f(&mut s);
     s
 }
 
-async fn broker(redis: &RedisServer, lease: Duration) -> RedisBroker {
+pub(crate) async fn broker(redis: &RedisServer, lease: Duration) -> RedisBroker {
     let opts = BrokerOptions { lease, ..BrokerOptions::default() };
     RedisBroker::connect(&redis.url(0), opts).await.unwrap()
 }
 
-async fn results(redis: &RedisServer) -> ResultBackend {
+pub(crate) async fn results(redis: &RedisServer) -> ResultBackend {
     ResultBackend::connect(&redis.url(1), "", Duration::from_secs(3600)).await.unwrap()
 }
 
-async fn start(
+pub(crate) async fn start(
     redis: &RedisServer,
     config: Config,
     concurrency: usize,
