@@ -154,6 +154,9 @@ pub struct WorkerArgs {
     /// How long results are kept (Celery's result_expires; 0 keeps them).
     #[arg(long, default_value = "1d")]
     pub result_expires: HumanDuration,
+    /// Do not store STARTED when a task starts (saves a round trip per task).
+    #[arg(long)]
+    pub no_track_started: bool,
 }
 
 /// `celeriac enqueue ...`
@@ -333,6 +336,7 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
         hostname,
         grace: args.grace.0,
         revoke_ttl: Duration::from_secs(3 * 3600),
+        track_started: !args.no_track_started,
     };
     let w = Worker::new(registry, broker, results, kv, options);
     let shutdown = CancellationToken::new();

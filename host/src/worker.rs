@@ -47,6 +47,8 @@ pub struct WorkerOptions {
     pub grace: Duration,
     /// How long revocations are remembered.
     pub revoke_ttl: Duration,
+    /// Store STARTED when a task starts (Celery's `task_track_started`).
+    pub track_started: bool,
 }
 
 /// Counters, for the shutdown summary and tests.

@@ -2,6 +2,7 @@
 
 mod cli;
 mod config;
+mod faults;
 mod interop;
 mod sandbox;
 mod tasks;
