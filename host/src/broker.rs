@@ -190,6 +190,7 @@ return wait
 /// The Redis side of the broker.
 #[derive(Clone)]
 pub struct RedisBroker {
+    url: String,
     conn: ConnectionManager,
     opts: BrokerOptions,
     fetch: Script,
@@ -221,6 +222,7 @@ impl RedisBroker {
     /// Connects to the broker at `url`.
     pub async fn connect(url: &str, opts: BrokerOptions) -> anyhow::Result<Self> {
         Ok(RedisBroker {
+            url: url.to_string(),
             conn: connect(url).await?,
             opts,
             fetch: Script::new(FETCH),
@@ -238,6 +240,11 @@ impl RedisBroker {
     /// A celeriac key with the global prefix.
     pub fn own(&self, name: &str) -> String {
         format!("{}celeriac:{name}", self.opts.global_prefix)
+    }
+
+    /// The URL it was connected with.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// The connection, for callers that need plain commands.

@@ -188,6 +188,9 @@ pub struct EnqueueArgs {
     /// Task id [default: a new UUID].
     #[arg(long)]
     pub id: Option<String>,
+    /// Send this many copies (each with its own id), pipelined; for load tests. Prints the count.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: u64,
 }
 
 /// `celeriac run ...`
@@ -404,6 +407,24 @@ async fn enqueue(config: &Config, prefix: &str, args: EnqueueArgs) -> anyhow::Re
         None => None,
     };
     let broker = RedisBroker::connect(&config.broker, broker_options(prefix)).await?;
+    if args.repeat > 1 {
+        if args.id.is_some() {
+            anyhow::bail!("--repeat sends new ids; it cannot be used with --id");
+        }
+        let opts = NewTask { priority: args.priority, eta, expires, ..NewTask::default() };
+        let sent = client::enqueue_many(
+            &broker,
+            &args.task,
+            &positional,
+            &keywords,
+            &queue,
+            &opts,
+            args.repeat,
+        )
+        .await?;
+        println!("{sent}");
+        return Ok(0);
+    }
     let opts = NewTask { id: args.id, priority: args.priority, eta, expires, ..NewTask::default() };
     let id = client::enqueue(&broker, &args.task, &positional, &keywords, &queue, &opts).await?;
     println!("{id}");

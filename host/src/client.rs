@@ -23,6 +23,30 @@ pub async fn enqueue(
     Ok(id)
 }
 
+/// Sends `count` copies of a task, each with a new id, in pipelined batches; returns the count.
+pub async fn enqueue_many(
+    broker: &RedisBroker,
+    name: &str,
+    args: &Value,
+    kwargs: &Value,
+    queue: &str,
+    opts: &NewTask,
+    count: u64,
+) -> anyhow::Result<u64> {
+    broker.declare(&[queue.to_string()]).await?;
+    let mut sent = 0;
+    while sent < count {
+        let mut pipe = redis::pipe();
+        for _ in 0..(count - sent).min(1000) {
+            let (_, envelope) = protocol::encode(name, args, kwargs, queue, opts);
+            broker.publish_into(&mut pipe, queue, opts.priority.unwrap_or(0), &envelope);
+            sent += 1;
+        }
+        broker.exec(&pipe).await?;
+    }
+    Ok(sent)
+}
+
 /// A task's state and meta; PENDING (and no meta) when nothing is stored.
 pub async fn status(results: &ResultBackend, id: &str) -> anyhow::Result<(String, Option<Value>)> {
     match results.get(id).await? {

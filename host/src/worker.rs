@@ -126,6 +126,12 @@ impl Worker {
         info!(worker = %self.opts.hostname, queues = ?self.opts.queues, concurrency = self.opts.concurrency, "worker ready");
         let stop_maintenance = CancellationToken::new();
         let maintenance = tokio::spawn(self.clone().maintain(stop_maintenance.clone()));
+        let control = tokio::spawn(crate::control::serve(
+            self.broker.clone(),
+            self.broker.url().to_string(),
+            self.opts.hostname.clone(),
+            self.opts.revoke_ttl,
+        ));
         let slots = Arc::new(Semaphore::new(self.opts.concurrency));
         let mut tasks = tokio::task::JoinSet::new();
         let mut idle = Duration::ZERO;
@@ -195,6 +201,7 @@ impl Worker {
             while tasks.join_next().await.is_some() {}
         }
         stop_maintenance.cancel();
+        control.abort();
         let _ = maintenance.await;
         // Whatever is still unacked (stopped at shutdown) goes back to its queue now rather than
         // after its lease: its tags are ours and nobody runs them any more.

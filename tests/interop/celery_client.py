@@ -65,6 +65,20 @@ def main(argv):
                 break
             time.sleep(0.005)
         print(json.dumps({"id": result.id, "states": seen}))
+    elif command == "spin_then_revoke":
+        # Start a long task, wait for STARTED, revoke it by broadcast with terminate.
+        result = send("diagnostics.spin", [30000], {}, "default")
+        deadline = time.time() + 20
+        while result.state != "STARTED" and time.time() < deadline:
+            time.sleep(0.01)
+        app.control.revoke(result.id, terminate=True)
+        try:
+            result.get(timeout=20)
+            print(json.dumps({"id": result.id, "state": result.state}))
+        except Exception as e:
+            print(json.dumps({"id": result.id, "state": result.state, "exc_type": type(e).__name__}))
+    elif command == "ping":
+        print(json.dumps({"replies": app.control.ping(timeout=2.0)}))
     else:
         raise SystemExit(f"unknown command {command}")
 

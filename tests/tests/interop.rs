@@ -191,3 +191,17 @@ async fn a_python_worker_runs_what_celeriac_enqueue_sent() {
     );
     assert!(stdout.contains(r#"result:  {"from":"celeriac"}"#), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_control_revoke_and_ping_reach_a_celeriac_worker() {
+    let redis = RedisServer::start();
+    let w = start(&redis, config(|_| {}), 2, Duration::from_secs(30)).await;
+    let got = python(&redis, strings(&["ping"])).await;
+    assert_eq!(got["replies"], json!([{"celeriac@test": {"ok": "pong"}}]), "{got}");
+    let started = std::time::Instant::now();
+    let got = python(&redis, strings(&["spin_then_revoke"])).await;
+    assert_eq!(got["state"], "REVOKED", "{got}");
+    assert_eq!(got["exc_type"], "TaskRevokedError", "{got}");
+    assert!(started.elapsed() < Duration::from_secs(20), "the 30 s task was terminated");
+    w.stop().await;
+}

@@ -1,0 +1,164 @@
+//! Celery's remote control (the "pidbox") as far as a worker must answer it: `revoke` (from
+//! `celery control revoke`, `app.control.revoke` and Flower) and `ping`. Requests arrive by
+//! PUBLISH on `/<db>.celery.pidbox`; replies are LPUSHed to the caller's reply queue.
+
+use crate::broker::RedisBroker;
+use base64::Engine as _;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tracing::{debug, warn};
+
+/// What a control request asks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The method, e.g. `revoke`.
+    pub method: String,
+    /// Its arguments.
+    pub arguments: Value,
+    /// Worker names it is for; `None` means every worker.
+    pub destination: Option<Vec<String>>,
+    /// Where to send the reply: the client's oid.
+    pub reply_to: Option<String>,
+    /// Matches the reply to the request.
+    pub ticket: Option<String>,
+}
+
+/// Decodes a pidbox envelope.
+pub fn decode(raw: &[u8]) -> Option<Request> {
+    let env: Value = serde_json::from_slice(raw).ok()?;
+    let body = env["body"].as_str()?;
+    let body = if env["properties"]["body_encoding"] == "base64" {
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(body).ok()?).ok()?
+    } else {
+        body.to_string()
+    };
+    let body: Value = serde_json::from_str(&body).ok()?;
+    Some(Request {
+        method: body["method"].as_str()?.to_string(),
+        arguments: body["arguments"].clone(),
+        destination: body["destination"]
+            .as_array()
+            .map(|d| d.iter().filter_map(|n| n.as_str().map(String::from)).collect()),
+        reply_to: body["reply_to"]["routing_key"].as_str().map(String::from),
+        ticket: body["ticket"].as_str().map(String::from),
+    })
+}
+
+/// The ids a `revoke` names (`task_id` is one id or a list).
+pub fn revoke_ids(arguments: &Value) -> Vec<String> {
+    match &arguments["task_id"] {
+        Value::String(id) => vec![id.clone()],
+        Value::Array(ids) => ids.iter().filter_map(|i| i.as_str().map(String::from)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Listens for control requests until the connection ends; reconnects with backoff.
+pub async fn serve(broker: RedisBroker, url: String, hostname: String, revoke_ttl: Duration) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        if let Err(e) = listen(&broker, &url, &hostname, revoke_ttl).await {
+            warn!("remote control listener failed, reconnecting in {delay:?}: {e}");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn listen(
+    broker: &RedisBroker,
+    url: &str,
+    hostname: &str,
+    revoke_ttl: Duration,
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt as _;
+    let client = redis::Client::open(url)?;
+    let db = client.get_connection_info().redis.db;
+    let channel = format!("{}/{db}.celery.pidbox", broker.options().global_prefix);
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(&channel).await?;
+    debug!(%channel, "listening for remote control");
+    let mut messages = pubsub.on_message();
+    while let Some(msg) = messages.next().await {
+        let Some(req) = decode(msg.get_payload_bytes()) else { continue };
+        if req.destination.as_ref().is_some_and(|d| !d.iter().any(|n| n == hostname)) {
+            continue;
+        }
+        let reply = match req.method.as_str() {
+            "revoke" => {
+                let ids = revoke_ids(&req.arguments);
+                let terminate = req.arguments["terminate"].as_bool().unwrap_or(false);
+                broker.revoke(&ids, revoke_ttl, terminate).await?;
+                json!({"ok": format!("tasks {} flagged as revoked", ids.join(", "))})
+            }
+            "ping" => json!({"ok": "pong"}),
+            other => {
+                debug!(method = other, "ignoring unsupported control request");
+                continue;
+            }
+        };
+        if let Some(oid) = &req.reply_to {
+            send_reply(broker, oid, req.ticket.as_deref(), hostname, reply).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Replies as kombu's pidbox does: to every queue bound to the caller's oid on
+/// `reply.celery.pidbox`.
+async fn send_reply(
+    broker: &RedisBroker,
+    oid: &str,
+    ticket: Option<&str>,
+    hostname: &str,
+    reply: Value,
+) -> anyhow::Result<()> {
+    let mut conn = broker.conn();
+    let members: Vec<String> =
+        redis::AsyncCommands::smembers(&mut conn, broker.key("_kombu.binding.reply.celery.pidbox"))
+            .await?;
+    let body = json!({ hostname: reply }).to_string();
+    let envelope = json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(body),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"ticket": ticket, "clock": 1},
+        "properties": {
+            "delivery_mode": 1,
+            "delivery_info": {"exchange": "reply.celery.pidbox", "routing_key": oid},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": uuid::Uuid::new_v4().to_string(),
+        },
+    })
+    .to_string();
+    for member in members {
+        let mut parts = member.split(crate::broker::PRIORITY_SEP);
+        let (Some(key), Some(_pattern), Some(queue)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if key == oid {
+            let _: () =
+                redis::AsyncCommands::lpush(&mut conn, broker.key(queue), &envelope).await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_a_celery_revoke_broadcast() {
+        let body = json!({"method": "revoke", "arguments": {"task_id": ["a", "b"], "terminate": true, "signal": "SIGTERM"}, "destination": null, "pattern": null, "matcher": null});
+        let env = json!({"body": base64::engine::general_purpose::STANDARD.encode(body.to_string()), "properties": {"body_encoding": "base64"}, "headers": {"clock": 3}});
+        let req = decode(env.to_string().as_bytes()).unwrap();
+        assert_eq!(req.method, "revoke");
+        assert_eq!(req.destination, None);
+        assert_eq!(revoke_ids(&req.arguments), vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(revoke_ids(&json!({"task_id": "one"})), vec!["one".to_string()]);
+        assert!(decode(b"junk").is_none());
+    }
+}
