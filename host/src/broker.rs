@@ -474,6 +474,16 @@ impl RedisBroker {
         self.flagged("revoked", ids).await
     }
 
+    /// How many revocations are stored (expired ones included until the next revoke prunes them).
+    pub async fn revoked_count(&self) -> redis::RedisResult<u64> {
+        self.conn.clone().zcard(self.own("revoked")).await
+    }
+
+    /// Every task id whose revocation has not expired.
+    pub async fn revoked_ids(&self) -> redis::RedisResult<Vec<String>> {
+        self.conn.clone().zrangebyscore(self.own("revoked"), now_secs(), "+inf").await
+    }
+
     /// Which of `ids` were revoked with terminate.
     pub async fn terminating(&self, ids: &[&str]) -> redis::RedisResult<Vec<bool>> {
         self.flagged("terminate", ids).await

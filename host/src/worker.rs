@@ -16,11 +16,11 @@ use crate::results::{ResultBackend, StoredResult};
 use crate::runtime::{Invocation, Outcome, RunEnv, RunReport, Signals};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -30,6 +30,8 @@ use tracing::{Instrument, info, info_span, warn};
 const MAX_IDLE_POLL: Duration = Duration::from_millis(32);
 /// How often leases are renewed, due ETA messages moved and revocations of running tasks checked.
 const MAINTENANCE_TICK: Duration = Duration::from_millis(250);
+/// Longest the mirrored revoked set goes without a full copy from Redis.
+const REVOKED_FULL_REFRESH: Duration = Duration::from_secs(5);
 /// How often expired leases are restored.
 const RESTORE_EVERY: Duration = Duration::from_secs(2);
 
@@ -71,6 +73,17 @@ struct Running {
     signals: Signals,
 }
 
+/// A handled message waiting to be settled: results to store, then commands to run atomically
+/// with its ack.
+struct Settlement {
+    tag: String,
+    results: Vec<StoredResult>,
+    then: redis::Pipeline,
+}
+
+/// Most messages settled in one round trip pair (results, then acks).
+const MAX_SETTLE_BATCH: usize = 256;
+
 /// A celeriac worker bound to a broker, a result backend and a set of loaded tasks.
 pub struct Worker {
     registry: Arc<Registry>,
@@ -81,6 +94,11 @@ pub struct Worker {
     id: String,
     fetches: AtomicU64,
     running: Mutex<HashMap<String, Running>>,
+    /// Revoked task ids, mirrored from Redis every maintenance tick so the hot path needs no
+    /// round trip. The set's size lets a tick skip the copy when nothing changed; a full copy is
+    /// taken at least every `REVOKED_FULL_REFRESH` anyway (an add and a prune can cancel out).
+    revoked: Mutex<(HashSet<String>, Option<u64>, Instant)>,
+    settle_tx: Mutex<Option<mpsc::UnboundedSender<Settlement>>>,
     /// Counters since start.
     pub stats: Stats,
 }
@@ -111,6 +129,8 @@ impl Worker {
             id: uuid::Uuid::new_v4().simple().to_string(),
             fetches: AtomicU64::new(0),
             running: Mutex::new(HashMap::new()),
+            revoked: Mutex::new((HashSet::new(), None, Instant::now())),
+            settle_tx: Mutex::new(None),
             stats: Stats::default(),
         })
     }
@@ -123,6 +143,10 @@ impl Worker {
     /// period and hands the rest back to their queues.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
         self.broker.declare(&self.opts.queues).await?;
+        self.refresh_revoked().await;
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        *self.settle_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(settle_tx);
+        let settler = tokio::spawn(self.clone().settler(settle_rx));
         info!(worker = %self.opts.hostname, queues = ?self.opts.queues, concurrency = self.opts.concurrency, "worker ready");
         let stop_maintenance = CancellationToken::new();
         let maintenance = tokio::spawn(self.clone().maintain(stop_maintenance.clone()));
@@ -200,6 +224,9 @@ impl Worker {
             }
             while tasks.join_next().await.is_some() {}
         }
+        // Every handled message is settled before the worker stops.
+        self.settle_tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let _ = settler.await;
         stop_maintenance.cancel();
         control.abort();
         let _ = maintenance.await;
@@ -218,8 +245,14 @@ impl Worker {
         match disposition {
             Disposition::Requeue => {}
             Disposition::Finish { results, then } => {
-                self.settle(&d.tag, &results, then).await;
-                self.running().remove(&d.tag);
+                let settlement = Settlement { tag: d.tag.clone(), results, then };
+                let tx = self.settle_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                match tx {
+                    Some(tx) => {
+                        let _ = tx.send(settlement);
+                    }
+                    None => self.settle(vec![settlement]).await,
+                }
             }
         }
     }
@@ -510,22 +543,71 @@ impl Worker {
         Disposition::Finish { results, then }
     }
 
-    /// Stores results, then acks atomically with the follow-up commands. If Redis is away, keeps
-    /// trying: the lease keeps the message safe meanwhile, and giving up would run it twice.
-    async fn settle(&self, tag: &str, results: &[StoredResult], mut then: redis::Pipeline) {
+    /// Settles handled messages in batches: whatever has piled up while the previous batch was
+    /// in flight goes in the next, so under load two round trips settle hundreds of tasks.
+    async fn settler(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Settlement>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_SETTLE_BATCH {
+                match rx.try_recv() {
+                    Ok(s) => batch.push(s),
+                    Err(_) => break,
+                }
+            }
+            self.settle(batch).await;
+        }
+    }
+
+    /// Stores the batch's results, then acks every message atomically with its follow-up
+    /// commands (children, retry, dead letter). If Redis is away, keeps trying: the leases keep
+    /// the messages safe meanwhile, and giving up would run them twice.
+    async fn settle(&self, batch: Vec<Settlement>) {
+        let results: Vec<StoredResult> =
+            batch.iter().flat_map(|s| s.results.iter().cloned()).collect();
         let mut delay = Duration::from_millis(50);
-        while let Err(e) = self.results.store(results).await {
+        while let Err(e) = self.results.store(&results).await {
             warn!("storing results failed, retrying in {delay:?}: {e}");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         }
-        then.atomic();
-        self.broker.ack_into(&mut then, tag);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for s in &batch {
+            for cmd in s.then.cmd_iter() {
+                pipe.add_command(cmd.clone()).ignore();
+            }
+            self.broker.ack_into(&mut pipe, &s.tag);
+        }
         let mut delay = Duration::from_millis(50);
-        while let Err(e) = self.broker.exec(&then).await {
+        while let Err(e) = self.broker.exec(&pipe).await {
             warn!("ack failed, retrying in {delay:?}: {e}");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        let mut running = self.running();
+        for s in &batch {
+            running.remove(&s.tag);
+        }
+    }
+
+    /// Mirrors the revoked set when its size changed (or on the first call).
+    async fn refresh_revoked(&self) {
+        let count = match self.broker.revoked_count().await {
+            Ok(c) => c,
+            Err(e) => return warn!("reading revocations failed: {e}"),
+        };
+        {
+            let cached = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+            if cached.1 == Some(count) && cached.2.elapsed() < REVOKED_FULL_REFRESH {
+                return;
+            }
+        }
+        match self.broker.revoked_ids().await {
+            Ok(ids) => {
+                *self.revoked.lock().unwrap_or_else(|p| p.into_inner()) =
+                    (ids.into_iter().collect(), Some(count), Instant::now())
+            }
+            Err(e) => warn!("reading revocations failed: {e}"),
         }
     }
 
@@ -543,6 +625,7 @@ impl Worker {
             if let Err(e) = self.broker.renew(&tags).await {
                 warn!("lease renewal failed: {e}");
             }
+            self.refresh_revoked().await;
             let live: Vec<&str> =
                 ids.iter().map(String::as_str).filter(|i| !i.is_empty()).collect();
             if let Ok(flags) = self.broker.terminating(&live).await {
