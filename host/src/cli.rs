@@ -381,7 +381,12 @@ async fn enqueue(config: &Config, prefix: &str, args: EnqueueArgs) -> anyhow::Re
     }
     let queue = match args.queue {
         Some(q) => q,
-        None => match config.tasks.get(&args.task).and_then(|t| t.queue.clone()) {
+        None => match config
+            .tasks
+            .get(&args.task)
+            .and_then(|t| t.queue.clone())
+            .or_else(|| config.route(&args.task).map(String::from))
+        {
             Some(q) => q,
             // The task's own default queue is declared by its module.
             None => match Registry::load(config, 1).await {

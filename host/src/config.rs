@@ -50,6 +50,20 @@ pub struct ConfigFile {
     /// Settings for single tasks, by name.
     #[serde(default)]
     pub tasks: BTreeMap<String, TaskSettings>,
+    /// Routing rules: the first whose glob matches a task name sets its queue (below a queue
+    /// set in the task's own table).
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// A routing rule, e.g. `{ task = "indexing.*", queue = "indexing" }`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Task-name glob (`*` matches any run of characters).
+    pub task: String,
+    /// The queue.
+    pub queue: String,
 }
 
 /// Settings one task may have; every field is optional so tables can be layered.
@@ -323,6 +337,8 @@ pub struct Config {
     pub tasks: BTreeMap<String, TaskSettings>,
     /// Settings from the command line, applied over everything for every task.
     pub overrides: TaskSettings,
+    /// Routing rules, first match wins.
+    pub routes: Vec<Route>,
 }
 
 /// A configuration that cannot be used, with every problem found.
@@ -402,6 +418,12 @@ impl Config {
             settings.check(&format!("{shown}: tasks.\"{name}\""), &mut problems);
         }
         overrides.task.check("command line", &mut problems);
+        for (i, r) in file.routes.iter().enumerate() {
+            if r.task.is_empty() || r.queue.is_empty() || r.queue.contains('\u{6}') {
+                problems
+                    .push(format!("{shown}: routes[{i}]: task and queue must be non-empty names"));
+            }
+        }
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
@@ -439,7 +461,16 @@ impl Config {
             defaults,
             tasks,
             overrides: overrides.task.clone(),
+            routes: file.routes,
         })
+    }
+
+    /// The queue the first matching routing rule gives `name`.
+    pub fn route(&self, name: &str) -> Option<&str> {
+        self.routes
+            .iter()
+            .find(|r| crate::runtime::glob_match(&r.task, name))
+            .map(|r| r.queue.as_str())
     }
 
     /// The settings for `name` served by `module`, resolved through every layer.
@@ -452,7 +483,10 @@ impl Config {
         let described = TaskSettings::from_describe(info);
         let empty = TaskSettings::default();
         let task = self.tasks.get(name).unwrap_or(&empty);
-        let layers = [&builtin_settings(), &self.defaults, &described, task, &self.overrides];
+        let routed =
+            TaskSettings { queue: self.route(name).map(String::from), ..TaskSettings::default() };
+        let layers =
+            [&builtin_settings(), &self.defaults, &described, &routed, task, &self.overrides];
         let mut s = layers.iter().fold(TaskSettings::default(), |acc, layer| acc.overlay(layer));
         // A soft limit at or past the hard limit can never fire. When a stronger layer shortened
         // the hard limit (`celeriac run --hard-time-limit 1s` under a file's 50s soft limit), the

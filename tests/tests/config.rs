@@ -113,3 +113,22 @@ async fn a_task_served_by_two_modules_must_be_disambiguated() {
     let reg = Registry::load(&config, 1).await.unwrap();
     assert_eq!(reg.get("diagnostics.noop").unwrap().spec.module, "two");
 }
+
+#[tokio::test]
+async fn routing_rules_place_tasks_on_queues_below_the_task_table() {
+    let text = format!(
+        "modules = {:?}\nroutes = [{{ task = \"diagnostics.s*\", queue = \"slow\" }}, {{ task = \"diagnostics.*\", queue = \"diag\" }}]\n\
+         [tasks.\"diagnostics.noop\"]\nqueue = \"fast\"\n",
+        celeriac::BUILT_TASKS_DIR
+    );
+    let mut config = Config::parse(&text, Path::new("routes.toml"), &Overrides::default()).unwrap();
+    config.cache = Some(celeriac_tests::test_cache_dir());
+    let reg = Registry::load(&config, 1).await.unwrap();
+    let queue = |t: &str| reg.get(t).unwrap().spec.queue.clone();
+    assert_eq!(queue("diagnostics.sleep"), "slow", "first matching rule wins");
+    assert_eq!(queue("diagnostics.spin"), "slow");
+    assert_eq!(queue("diagnostics.fail"), "diag", "a rule beats the queue the module declares");
+    assert_eq!(queue("diagnostics.noop"), "fast", "the task table beats rules");
+    let e = parse("routes = [{ task = \"x\" }]\n").unwrap_err();
+    assert!(e.contains("queue"), "{e}");
+}
