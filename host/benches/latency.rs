@@ -4,7 +4,7 @@
 //! `redis-server` on the PATH; it starts its own on a free port.
 //! Run with `cargo bench -p celeriac --bench latency`.
 
-use celeriac::broker::{BrokerOptions, RedisBroker};
+use celeriac::broker::{Broker, BrokerOptions, FollowUp, RedisBroker};
 use celeriac::config::{Config, Overrides};
 use celeriac::kv::KvStore;
 use celeriac::protocol::{self, NewTask};
@@ -86,7 +86,10 @@ async fn measure(port: u16) {
             &NewTask::default(),
         );
         let at = Instant::now();
-        broker.publish("default", 0, &envelope).await.unwrap();
+        broker
+            .send(&[FollowUp::Publish { queue: "default".into(), priority: 0, envelope }])
+            .await
+            .unwrap();
         sent.insert(id, at);
     }
     let mut latencies = Vec::with_capacity(TASKS);

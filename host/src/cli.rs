@@ -1,6 +1,6 @@
 //! The `celeriac` command line.
 
-use crate::broker::{BrokerOptions, RedisBroker};
+use crate::broker::{Broker, BrokerOptions, RedisBroker};
 use crate::client;
 use crate::config::{Config, Overrides, TaskSettings};
 use crate::kv::KvStore;
@@ -105,7 +105,7 @@ pub enum DlqCommand {
         queue: Option<String>,
         /// Most records to show.
         #[arg(long, default_value_t = 20)]
-        limit: isize,
+        limit: usize,
     },
     /// Show one dead letter in full, by task id.
     Show {
@@ -439,8 +439,8 @@ async fn enqueue(config: &Config, prefix: &str, args: EnqueueArgs) -> anyhow::Re
 async fn dlq(broker: &RedisBroker, command: DlqCommand) -> anyhow::Result<i32> {
     match command {
         DlqCommand::List { queue: None, .. } => {
-            for q in client::dlq_queues(broker).await? {
-                let n = client::dlq_list(broker, &q, isize::MAX).await?.len();
+            for q in broker.dlq_queues().await? {
+                let n = client::dlq_list(broker, &q, usize::MAX).await?.len();
                 println!("{q}\t{n}");
             }
         }
@@ -458,7 +458,7 @@ async fn dlq(broker: &RedisBroker, command: DlqCommand) -> anyhow::Result<i32> {
             }
         }
         DlqCommand::Show { queue, id } => {
-            let found = client::dlq_list(broker, &queue, isize::MAX)
+            let found = client::dlq_list(broker, &queue, usize::MAX)
                 .await?
                 .into_iter()
                 .find(|r| r["id"].as_str() == Some(id.as_str()));
@@ -472,7 +472,7 @@ async fn dlq(broker: &RedisBroker, command: DlqCommand) -> anyhow::Result<i32> {
             println!("replayed {n}");
         }
         DlqCommand::Purge { queue } => {
-            let n = client::dlq_purge(broker, &queue).await?;
+            let n = broker.dlq_purge(&queue).await?;
             println!("purged {n}");
         }
     }

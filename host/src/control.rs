@@ -2,7 +2,7 @@
 //! `celery control revoke`, `app.control.revoke` and Flower) and `ping`. Requests arrive by
 //! PUBLISH on `/<db>.celery.pidbox`; replies are LPUSHed to the caller's reply queue.
 
-use crate::broker::RedisBroker;
+use crate::broker::{Broker, RedisBroker};
 use base64::Engine as _;
 use serde_json::{Value, json};
 use std::time::Duration;

@@ -59,10 +59,12 @@ impl ResultBackend {
     pub fn key(&self, id: &str) -> String {
         format!("{}celery-task-meta-{id}", self.prefix)
     }
+}
 
+impl crate::broker::ResultStore for ResultBackend {
     /// Stores results in one round trip. A stored SUCCESS is never overwritten: a redelivered
     /// message that ran again must not replace the first result with a later state.
-    pub async fn store(&self, results: &[StoredResult]) -> redis::RedisResult<()> {
+    async fn store(&self, results: &[StoredResult]) -> crate::broker::BrokerResult<()> {
         if results.is_empty() {
             return Ok(());
         }
@@ -71,11 +73,11 @@ impl ResultBackend {
         for r in results {
             inv.key(self.key(&r.id)).arg(&r.meta);
         }
-        inv.invoke_async(&mut self.conn.clone()).await
+        Ok(inv.invoke_async(&mut self.conn.clone()).await?)
     }
 
     /// Reads a result: the meta JSON, or `None` while PENDING.
-    pub async fn get(&self, id: &str) -> redis::RedisResult<Option<String>> {
-        self.conn.clone().get(self.key(id)).await
+    async fn get(&self, id: &str) -> crate::broker::BrokerResult<Option<String>> {
+        Ok(self.conn.clone().get(self.key(id)).await?)
     }
 }

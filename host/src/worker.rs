@@ -8,11 +8,11 @@
 //! message. A failed task is logged and the loop goes on; losing Redis makes the loop wait and
 //! reconnect, never exit.
 
-use crate::broker::{Delivery, RedisBroker, now_secs};
+use crate::broker::{Broker, Delivery, FollowUp, ResultStore, now_ms};
 use crate::kv::KvStore;
 use crate::protocol::{self, NewTask, Poison, TaskMessage, states};
 use crate::registry::Registry;
-use crate::results::{ResultBackend, StoredResult};
+use crate::results::StoredResult;
 use crate::runtime::{Invocation, Outcome, RunEnv, RunReport, Signals};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -83,17 +83,17 @@ struct Running {
 struct Settlement {
     tag: String,
     results: Vec<StoredResult>,
-    then: redis::Pipeline,
+    then: Vec<FollowUp>,
 }
 
 /// Most messages settled in one round trip pair (results, then acks).
 const MAX_SETTLE_BATCH: usize = 256;
 
 /// A celeriac worker bound to a broker, a result backend and a set of loaded tasks.
-pub struct Worker {
+pub struct Worker<B: Broker, R: ResultStore> {
     registry: Arc<Registry>,
-    broker: RedisBroker,
-    results: ResultBackend,
+    broker: B,
+    results: R,
     kv: KvStore,
     opts: WorkerOptions,
     id: String,
@@ -111,17 +111,17 @@ pub struct Worker {
 /// What became of one message.
 enum Disposition {
     /// Store these results, then ack together with these broker commands.
-    Finish { results: Vec<StoredResult>, then: redis::Pipeline },
+    Finish { results: Vec<StoredResult>, then: Vec<FollowUp> },
     /// Leave the message unacked: the worker is shutting down and it goes back to its queue.
     Requeue,
 }
 
-impl Worker {
+impl<B: Broker, R: ResultStore> Worker<B, R> {
     /// A worker; call [`run`](Self::run) to start it.
     pub fn new(
         registry: Arc<Registry>,
-        broker: RedisBroker,
-        results: ResultBackend,
+        broker: B,
+        results: R,
         kv: KvStore,
         opts: WorkerOptions,
     ) -> Arc<Self> {
@@ -155,12 +155,11 @@ impl Worker {
         info!(worker = %self.opts.hostname, queues = ?self.opts.queues, concurrency = self.opts.concurrency, "worker ready");
         let stop_maintenance = CancellationToken::new();
         let maintenance = tokio::spawn(self.clone().maintain(stop_maintenance.clone()));
-        let control = tokio::spawn(crate::control::serve(
-            self.broker.clone(),
-            self.broker.url().to_string(),
-            self.opts.hostname.clone(),
-            self.opts.revoke_ttl,
-        ));
+        let control = {
+            let (broker, hostname, ttl) =
+                (self.broker.clone(), self.opts.hostname.clone(), self.opts.revoke_ttl);
+            tokio::spawn(async move { broker.serve_control(hostname, ttl).await })
+        };
         let slots = Arc::new(Semaphore::new(self.opts.concurrency));
         let mut tasks = tokio::task::JoinSet::new();
         let mut empty_polls: u32 = 0;
@@ -303,9 +302,8 @@ impl Worker {
             };
 
             // Revoked (by id) or expired: never run.
-            if self.broker.revoked(&[msg.id.as_str()]).await.ok().and_then(|v| v.first().copied())
-                == Some(true)
-            {
+            // Checked against the mirrored set: no round trip per task.
+            if self.revoked.lock().unwrap_or_else(|p| p.into_inner()).0.contains(&msg.id) {
                 self.stats.revoked.fetch_add(1, Ordering::Relaxed);
                 info!(queue = %d.queue, outcome = "revoked", "task revoked before it ran");
                 return self.finish_revoked(&msg, "revoked");
@@ -318,14 +316,7 @@ impl Worker {
 
             // Not due yet: park it in the scheduled set, not in worker memory.
             if let Some(eta) = msg.eta.filter(|e| *e > Utc::now()) {
-                let mut then = redis::pipe();
-                self.broker.schedule_into(
-                    &mut then,
-                    &d.queue,
-                    msg.priority,
-                    &String::from_utf8_lossy(&d.payload),
-                    eta.timestamp_millis(),
-                );
+                let then = vec![self.park(d, &msg, eta.timestamp_millis())];
                 return Disposition::Finish { results: vec![], then };
             }
 
@@ -338,15 +329,7 @@ impl Worker {
                     .await
                 {
                     Ok(Some(wait)) => {
-                        let mut then = redis::pipe();
-                        let at = now_ms() + wait.as_millis() as i64;
-                        self.broker.schedule_into(
-                            &mut then,
-                            &d.queue,
-                            msg.priority,
-                            &String::from_utf8_lossy(&d.payload),
-                            at,
-                        );
+                        let then = vec![self.park(d, &msg, now_ms() + wait.as_millis() as i64)];
                         return Disposition::Finish { results: vec![], then };
                     }
                     Ok(None) => {}
@@ -416,7 +399,7 @@ impl Worker {
         let outcome = &report.outcome;
         if let Outcome::Success { result } = outcome {
             self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
-            let mut then = redis::pipe();
+            let mut then = Vec::with_capacity(report.children.len());
             let children: Vec<String> =
                 report.children.iter().map(|c| self.publish_child(&mut then, msg, c)).collect();
             let value: Value = serde_json::from_str(result).unwrap_or(Value::Null);
@@ -440,14 +423,12 @@ impl Worker {
                 _ => jitter(spec.retry.delay(msg.retries), spec.retry.jitter),
             };
             let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-            let mut then = redis::pipe();
-            self.broker.schedule_into(
-                &mut then,
-                &d.queue,
-                msg.priority,
-                &msg.retry_envelope(eta),
-                eta.timestamp_millis(),
-            );
+            let then = vec![FollowUp::Schedule {
+                queue: d.queue.clone(),
+                priority: msg.priority,
+                envelope: msg.retry_envelope(eta),
+                due_ms: eta.timestamp_millis(),
+            }];
             let stored = StoredResult {
                 id: msg.id.clone(),
                 meta: protocol::result_meta(
@@ -478,7 +459,7 @@ impl Worker {
     /// The envelope of a child task, published with the parent's ack.
     fn publish_child(
         &self,
-        pipe: &mut redis::Pipeline,
+        then: &mut Vec<FollowUp>,
         parent: &TaskMessage,
         child: &crate::runtime::ChildTask,
     ) -> String {
@@ -501,13 +482,23 @@ impl Worker {
         let (id, envelope) =
             protocol::encode(&child.name, &child.args, &child.kwargs, &queue, &opts);
         let priority = child.priority.unwrap_or(0);
-        match opts.eta {
+        then.push(match opts.eta {
             Some(eta) => {
-                self.broker.schedule_into(pipe, &queue, priority, &envelope, eta.timestamp_millis())
+                FollowUp::Schedule { queue, priority, envelope, due_ms: eta.timestamp_millis() }
             }
-            None => self.broker.publish_into(pipe, &queue, priority, &envelope),
-        }
+            None => FollowUp::Publish { queue, priority, envelope },
+        });
         id
+    }
+
+    /// Puts the message, as received, into the scheduled set until `due_ms`.
+    fn park(&self, d: &Delivery, msg: &TaskMessage, due_ms: i64) -> FollowUp {
+        FollowUp::Schedule {
+            queue: d.queue.clone(),
+            priority: msg.priority,
+            envelope: String::from_utf8_lossy(&d.payload).into_owned(),
+            due_ms,
+        }
     }
 
     fn result(
@@ -527,17 +518,16 @@ impl Worker {
         let exc = json!({"exc_type": "TaskRevokedError", "exc_message": [why], "exc_module": "celery.exceptions"});
         Disposition::Finish {
             results: vec![self.result(msg, states::REVOKED, exc, &[])],
-            then: redis::pipe(),
+            then: Vec::new(),
         }
     }
 
     fn poison(&self, d: &Delivery, poison: &Poison) -> Disposition {
         self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
         warn!(queue = %d.queue, reason = poison.kind(), "dead-lettering an undecodable message: {poison}");
-        let mut then = redis::pipe();
         let record =
             dead_letter_record(d, None, poison.kind(), &poison.to_string(), 0, &self.opts.hostname);
-        then.lpush(self.broker.dlq_key(&d.queue), record).ignore();
+        let then = vec![FollowUp::DeadLetter { queue: d.queue.clone(), record }];
         Disposition::Finish { results: vec![], then }
     }
 
@@ -550,10 +540,9 @@ impl Worker {
         results: Vec<StoredResult>,
     ) -> Disposition {
         warn!(queue = %d.queue, reason, "dead-lettering after {} attempts: {error}", msg.retries + 1);
-        let mut then = redis::pipe();
         let record =
             dead_letter_record(d, Some(msg), reason, error, msg.retries + 1, &self.opts.hostname);
-        then.lpush(self.broker.dlq_key(&d.queue), record).ignore();
+        let then = vec![FollowUp::DeadLetter { queue: d.queue.clone(), record }];
         Disposition::Finish { results, then }
     }
 
@@ -584,16 +573,10 @@ impl Worker {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for s in &batch {
-            for cmd in s.then.cmd_iter() {
-                pipe.add_command(cmd.clone()).ignore();
-            }
-            self.broker.ack_into(&mut pipe, &s.tag);
-        }
+        let acks: Vec<(String, Vec<FollowUp>)> =
+            batch.iter().map(|s| (s.tag.clone(), s.then.clone())).collect();
         let mut delay = Duration::from_millis(50);
-        while let Err(e) = self.broker.exec(&pipe).await {
+        while let Err(e) = self.broker.settle(&acks).await {
             warn!("ack failed, retrying in {delay:?}: {e}");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
@@ -681,10 +664,6 @@ impl Worker {
             );
         }
     }
-}
-
-fn now_ms() -> i64 {
-    (now_secs() * 1000.0) as i64
 }
 
 /// Full jitter: uniform in [0, delay] so retries of many failed tasks spread out.

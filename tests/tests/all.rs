@@ -1,5 +1,6 @@
 //! celeriac's integration tests, one module per concern.
 
+mod broker;
 mod cli;
 mod config;
 mod faults;

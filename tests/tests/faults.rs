@@ -1,6 +1,7 @@
 //! The ugly cases: a worker killed with -9 in the middle of a run.
 
 use crate::worker::{broker, config, results, start};
+use celeriac::broker::Broker;
 use celeriac::client;
 use celeriac::protocol::NewTask;
 use celeriac_tests::{RedisServer, celeriac_binary, repo_root, test_cache_dir};

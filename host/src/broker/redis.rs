@@ -13,58 +13,14 @@
 //! Every step that moves a message is one Lua script or one MULTI, so a crash at any point
 //! leaves each message in exactly one place.
 
+use super::{
+    Broker, BrokerOptions, BrokerResult, Delivery, FollowUp, PRIORITY_SEP, PRIORITY_STEPS, now_ms,
+    now_secs, priority_list,
+};
 use anyhow::Context as _;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// kombu's priority separator.
-pub const PRIORITY_SEP: &str = "\x06\x16";
-/// kombu's priority steps; a priority rounds down to a step; on Redis 0 is served first.
-pub const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
-
-/// The list holding messages of `priority` for `queue` (without the global prefix).
-pub fn priority_list(queue: &str, priority: u8) -> String {
-    let step = PRIORITY_STEPS.iter().rev().find(|s| **s <= priority.min(9)).copied().unwrap_or(0);
-    if step == 0 { queue.to_string() } else { format!("{queue}{PRIORITY_SEP}{step}") }
-}
-
-/// A message taken from a queue, recorded as unacked under `tag`.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    /// Key in `unacked`; ack with it.
-    pub tag: String,
-    /// The queue it came from.
-    pub queue: String,
-    /// The envelope, untouched.
-    pub payload: Vec<u8>,
-}
-
-/// Broker settings.
-#[derive(Debug, Clone)]
-pub struct BrokerOptions {
-    /// kombu's `global_keyprefix`, put before every key and channel.
-    pub global_prefix: String,
-    /// How long a message of ours may go without a lease renewal before it is restored.
-    pub lease: Duration,
-    /// kombu's `visibility_timeout`: entries of other workers are restored only after this.
-    pub visibility_timeout: Duration,
-}
-
-impl Default for BrokerOptions {
-    fn default() -> Self {
-        BrokerOptions {
-            global_prefix: String::new(),
-            lease: Duration::from_secs(30),
-            visibility_timeout: Duration::from_secs(3600),
-        }
-    }
-}
-
-/// Seconds since the Unix epoch, as a float (kombu's unacked_index scores).
-pub fn now_secs() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
+use std::time::Duration;
 
 /// Pops up to ARGV[1] messages from KEYS[4..] in order and records each in `unacked`,
 /// `unacked_index` and our `leases` in the same step. kombu stores `[envelope, exchange,
@@ -187,6 +143,17 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(cap * 1000 / rate) + 1000)
 return wait
 "#;
 
+/// Takes one record off a dead-letter list and, only if it was there, pushes its message onto a
+/// queue: two operators replaying at once cannot duplicate it.
+/// KEYS: dead-letter list, target list. ARGV: record, envelope.
+const DLQ_REPLAY: &str = r#"
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) > 0 then
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
 /// The Redis side of the broker.
 #[derive(Clone)]
 pub struct RedisBroker {
@@ -197,6 +164,7 @@ pub struct RedisBroker {
     restore: Script,
     move_due: Script,
     take_token: Script,
+    dlq_replay: Script,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -229,6 +197,7 @@ impl RedisBroker {
             restore: Script::new(RESTORE),
             move_due: Script::new(MOVE_DUE),
             take_token: Script::new(TAKE_TOKEN),
+            dlq_replay: Script::new(DLQ_REPLAY),
         })
     }
 
@@ -257,40 +226,79 @@ impl RedisBroker {
         &self.opts
     }
 
-    /// Declares `queues` on the default direct exchange `celery`, as a Python worker does, so a
-    /// producer that routes through the exchange reaches them.
-    pub async fn declare(&self, queues: &[String]) -> redis::RedisResult<()> {
+    /// The dead-letter list of `queue`.
+    pub fn dlq_key(&self, queue: &str) -> String {
+        self.own(&format!("dlq:{queue}"))
+    }
+
+    /// Adds the commands of `f` to `pipe`.
+    fn follow_up_into(&self, pipe: &mut redis::Pipeline, f: &FollowUp) {
+        match f {
+            FollowUp::Publish { queue, priority, envelope } => {
+                pipe.lpush(self.key(&priority_list(queue, *priority)), envelope).ignore();
+            }
+            FollowUp::Schedule { queue, priority, envelope, due_ms } => {
+                let member = format!("{}\n{envelope}", priority_list(queue, *priority));
+                pipe.zadd(self.own("scheduled"), member, *due_ms).ignore();
+            }
+            FollowUp::DeadLetter { queue, record } => {
+                pipe.lpush(self.dlq_key(queue), record).ignore();
+            }
+        }
+    }
+
+    /// Adds the commands that ack `tag` to `pipe`.
+    fn ack_into(&self, pipe: &mut redis::Pipeline, tag: &str) {
+        pipe.hdel(self.key("unacked"), tag).ignore();
+        pipe.zrem(self.key("unacked_index"), tag).ignore();
+        pipe.zrem(self.own("leases"), tag).ignore();
+    }
+
+    async fn flagged(&self, set: &str, ids: &[&str]) -> redis::RedisResult<Vec<bool>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let scores: Vec<Option<f64>> = redis::cmd("ZMSCORE")
+            .arg(self.own(set))
+            .arg(ids)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let now = now_secs();
+        Ok(scores.into_iter().map(|s| s.is_some_and(|e| e > now)).collect())
+    }
+
+    /// The lists of `queues` in fetch order: each queue's priority steps before the next queue
+    /// (strict queue order).
+    fn fetch_keys(&self, queues: &[String]) -> (Vec<String>, Vec<String>) {
+        let mut keys = Vec::new();
+        let mut queue_of = Vec::new();
+        for q in queues {
+            for step in PRIORITY_STEPS {
+                keys.push(self.key(&priority_list(q, step)));
+                queue_of.push(q.clone());
+            }
+        }
+        (keys, queue_of)
+    }
+}
+
+impl Broker for RedisBroker {
+    async fn declare(&self, queues: &[String]) -> BrokerResult<()> {
         let mut pipe = redis::pipe();
         for q in queues {
             let member = format!("{q}{PRIORITY_SEP}{PRIORITY_SEP}{q}");
             pipe.sadd(self.key("_kombu.binding.celery"), &member).ignore();
             pipe.sadd(self.key("_kombu.binding_permanent.celery"), &member).ignore();
         }
-        pipe.query_async(&mut self.conn.clone()).await
+        Ok(pipe.query_async(&mut self.conn.clone()).await?)
     }
 
-    /// The lists of `queues` in fetch order: each queue's priority steps before the next queue
-    /// (strict queue order).
-    fn fetch_keys(&self, queues: &[String]) -> (Vec<String>, Vec<(usize, String)>) {
-        let mut keys = Vec::new();
-        let mut queue_of = Vec::new();
-        for (qi, q) in queues.iter().enumerate() {
-            for step in PRIORITY_STEPS {
-                keys.push(self.key(&priority_list(q, step)));
-                queue_of.push((qi, q.clone()));
-            }
-        }
-        (keys, queue_of)
-    }
-
-    /// Takes up to `max` messages, recording each as unacked with a lease, in one atomic step.
-    /// `tag_prefix` must be unique per call (the worker's id and a counter).
-    pub async fn fetch(
+    async fn fetch(
         &self,
         queues: &[String],
         max: usize,
         tag_prefix: &str,
-    ) -> redis::RedisResult<Vec<Delivery>> {
+    ) -> BrokerResult<Vec<Delivery>> {
         let (lists, queue_of) = self.fetch_keys(queues);
         let now = now_secs();
         let mut inv = self.fetch.prepare_invoke();
@@ -299,7 +307,7 @@ impl RedisBroker {
             inv.key(k);
         }
         inv.arg(max).arg(now).arg(now + self.opts.lease.as_secs_f64()).arg(tag_prefix);
-        for (_, q) in &queue_of {
+        for q in &queue_of {
             inv.arg(serde_json::Value::String(q.clone()).to_string());
         }
         let flat: Vec<redis::Value> = inv.invoke_async(&mut self.conn.clone()).await?;
@@ -309,32 +317,33 @@ impl RedisBroker {
             let tag: String = redis::from_redis_value(&tag)?;
             let index: usize = redis::from_redis_value(&index)?;
             let payload: Vec<u8> = redis::from_redis_value(&payload)?;
-            let queue = queue_of.get(index - 1).map(|(_, q)| q.clone()).unwrap_or_default();
+            let queue = queue_of.get(index - 1).cloned().unwrap_or_default();
             out.push(Delivery { tag, queue, payload });
         }
         Ok(out)
     }
 
-    /// Adds the commands that ack `tag` to `pipe`.
-    pub fn ack_into(&self, pipe: &mut redis::Pipeline, tag: &str) {
-        pipe.hdel(self.key("unacked"), tag).ignore();
-        pipe.zrem(self.key("unacked_index"), tag).ignore();
-        pipe.zrem(self.own("leases"), tag).ignore();
-    }
-
-    /// Acks delivered messages: they leave the broker for good.
-    pub async fn ack(&self, tags: &[String]) -> redis::RedisResult<()> {
+    async fn settle(&self, batch: &[(String, Vec<FollowUp>)]) -> BrokerResult<()> {
         let mut pipe = redis::pipe();
         pipe.atomic();
-        for t in tags {
-            self.ack_into(&mut pipe, t);
+        for (tag, follow_ups) in batch {
+            for f in follow_ups {
+                self.follow_up_into(&mut pipe, f);
+            }
+            self.ack_into(&mut pipe, tag);
         }
-        pipe.query_async(&mut self.conn.clone()).await
+        Ok(pipe.query_async(&mut self.conn.clone()).await?)
     }
 
-    /// Renews the leases of running messages, and their `unacked_index` time so that kombu's own
-    /// visibility-timeout sweep leaves a long task alone too.
-    pub async fn renew(&self, tags: &[String]) -> redis::RedisResult<()> {
+    async fn send(&self, items: &[FollowUp]) -> BrokerResult<()> {
+        let mut pipe = redis::pipe();
+        for f in items {
+            self.follow_up_into(&mut pipe, f);
+        }
+        Ok(pipe.query_async(&mut self.conn.clone()).await?)
+    }
+
+    async fn renew(&self, tags: &[String]) -> BrokerResult<()> {
         if tags.is_empty() {
             return Ok(());
         }
@@ -342,16 +351,24 @@ impl RedisBroker {
         let deadline = now + self.opts.lease.as_secs_f64();
         let mut pipe = redis::pipe();
         for t in tags {
-            // XX: only tags still present; an acked message is not resurrected.
+            // XX: only tags still present; an acked message is not resurrected. The
+            // unacked_index time moves too, so kombu's own visibility-timeout sweep leaves a
+            // long task alone.
             pipe.cmd("ZADD").arg(self.key("unacked_index")).arg("XX").arg(now).arg(t).ignore();
             pipe.cmd("ZADD").arg(self.own("leases")).arg("XX").arg(deadline).arg(t).ignore();
         }
-        pipe.query_async(&mut self.conn.clone()).await
+        Ok(pipe.query_async(&mut self.conn.clone()).await?)
     }
 
-    /// Restores expired leases and stale foreign entries; returns how many messages went back,
-    /// or `None` when another worker holds kombu's restore mutex.
-    pub async fn restore_expired(&self) -> redis::RedisResult<Option<u64>> {
+    async fn expire_leases(&self, tags: &[String]) -> BrokerResult<()> {
+        let mut pipe = redis::pipe();
+        for t in tags {
+            pipe.cmd("ZADD").arg(self.own("leases")).arg("XX").arg(0).arg(t).ignore();
+        }
+        Ok(pipe.query_async(&mut self.conn.clone()).await?)
+    }
+
+    async fn restore_expired(&self) -> BrokerResult<Option<u64>> {
         let now = now_secs();
         let n: i64 = self
             .restore
@@ -370,81 +387,35 @@ impl RedisBroker {
         Ok((n >= 0).then_some(n as u64))
     }
 
-    /// Adds an LPUSH of `envelope` onto `queue` at `priority` to `pipe`.
-    pub fn publish_into(
-        &self,
-        pipe: &mut redis::Pipeline,
-        queue: &str,
-        priority: u8,
-        envelope: &str,
-    ) {
-        pipe.lpush(self.key(&priority_list(queue, priority)), envelope).ignore();
-    }
-
-    /// Adds the scheduling of `envelope` for `queue` at `eta_ms` to `pipe`.
-    pub fn schedule_into(
-        &self,
-        pipe: &mut redis::Pipeline,
-        queue: &str,
-        priority: u8,
-        envelope: &str,
-        eta_ms: i64,
-    ) {
-        let member = format!("{}\n{envelope}", priority_list(queue, priority));
-        pipe.zadd(self.own("scheduled"), member, eta_ms).ignore();
-    }
-
-    /// Publishes one message now.
-    pub async fn publish(
-        &self,
-        queue: &str,
-        priority: u8,
-        envelope: &str,
-    ) -> redis::RedisResult<()> {
-        let mut pipe = redis::pipe();
-        self.publish_into(&mut pipe, queue, priority, envelope);
-        pipe.query_async(&mut self.conn.clone()).await
-    }
-
-    /// Moves due scheduled messages to their queues; returns how many.
-    pub async fn move_due(&self) -> redis::RedisResult<u64> {
-        let now_ms = (now_secs() * 1000.0) as i64;
-        self.move_due
+    async fn move_due(&self) -> BrokerResult<u64> {
+        Ok(self
+            .move_due
             .key(self.own("scheduled"))
-            .arg(now_ms)
+            .arg(now_ms())
             .arg(1000)
             .arg(&self.opts.global_prefix)
             .invoke_async(&mut self.conn.clone())
-            .await
+            .await?)
     }
 
-    /// Takes a token from the global bucket of `task`: `None` when allowed now, else the wait.
-    pub async fn take_token(
+    async fn take_token(
         &self,
         task: &str,
         per_second: f64,
         capacity: f64,
-    ) -> redis::RedisResult<Option<Duration>> {
-        let now_ms = (now_secs() * 1000.0) as i64;
+    ) -> BrokerResult<Option<Duration>> {
         let wait: i64 = self
             .take_token
             .key(self.own(&format!("rate:{task}")))
             .arg(per_second)
             .arg(capacity)
-            .arg(now_ms)
+            .arg(now_ms())
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok((wait > 0).then(|| Duration::from_millis(wait as u64)))
     }
 
-    /// Marks task ids revoked for `ttl`: queued copies are skipped wherever they are; with
-    /// `terminate`, running ones are stopped too.
-    pub async fn revoke(
-        &self,
-        ids: &[String],
-        ttl: Duration,
-        terminate: bool,
-    ) -> redis::RedisResult<()> {
+    async fn revoke(&self, ids: &[String], ttl: Duration, terminate: bool) -> BrokerResult<()> {
         let expires = now_secs() + ttl.as_secs_f64();
         let mut pipe = redis::pipe();
         for set in std::iter::once("revoked").chain(terminate.then_some("terminate")) {
@@ -453,58 +424,22 @@ impl RedisBroker {
             }
             pipe.cmd("ZREMRANGEBYSCORE").arg(self.own(set)).arg("-inf").arg(now_secs()).ignore();
         }
-        pipe.query_async(&mut self.conn.clone()).await
+        Ok(pipe.query_async(&mut self.conn.clone()).await?)
     }
 
-    async fn flagged(&self, set: &str, ids: &[&str]) -> redis::RedisResult<Vec<bool>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let scores: Vec<Option<f64>> = redis::cmd("ZMSCORE")
-            .arg(self.own(set))
-            .arg(ids)
-            .query_async(&mut self.conn.clone())
-            .await?;
-        let now = now_secs();
-        Ok(scores.into_iter().map(|s| s.is_some_and(|e| e > now)).collect())
+    async fn revoked_count(&self) -> BrokerResult<u64> {
+        Ok(self.conn.clone().zcard(self.own("revoked")).await?)
     }
 
-    /// Which of `ids` are revoked (and the revocation has not expired).
-    pub async fn revoked(&self, ids: &[&str]) -> redis::RedisResult<Vec<bool>> {
-        self.flagged("revoked", ids).await
+    async fn revoked_ids(&self) -> BrokerResult<Vec<String>> {
+        Ok(self.conn.clone().zrangebyscore(self.own("revoked"), now_secs(), "+inf").await?)
     }
 
-    /// How many revocations are stored (expired ones included until the next revoke prunes them).
-    pub async fn revoked_count(&self) -> redis::RedisResult<u64> {
-        self.conn.clone().zcard(self.own("revoked")).await
+    async fn terminating(&self, ids: &[&str]) -> BrokerResult<Vec<bool>> {
+        Ok(self.flagged("terminate", ids).await?)
     }
 
-    /// Every task id whose revocation has not expired.
-    pub async fn revoked_ids(&self) -> redis::RedisResult<Vec<String>> {
-        self.conn.clone().zrangebyscore(self.own("revoked"), now_secs(), "+inf").await
-    }
-
-    /// Which of `ids` were revoked with terminate.
-    pub async fn terminating(&self, ids: &[&str]) -> redis::RedisResult<Vec<bool>> {
-        self.flagged("terminate", ids).await
-    }
-
-    /// Ends the leases of `tags` now, so the next restore hands them back to their queues.
-    pub async fn expire_leases(&self, tags: &[String]) -> redis::RedisResult<()> {
-        let mut pipe = redis::pipe();
-        for t in tags {
-            pipe.cmd("ZADD").arg(self.own("leases")).arg("XX").arg(0).arg(t).ignore();
-        }
-        pipe.query_async(&mut self.conn.clone()).await
-    }
-
-    /// The dead-letter list of `queue`.
-    pub fn dlq_key(&self, queue: &str) -> String {
-        self.own(&format!("dlq:{queue}"))
-    }
-
-    /// Lengths of the lists of `queue` (all priorities).
-    pub async fn queue_len(&self, queue: &str) -> redis::RedisResult<u64> {
+    async fn queue_len(&self, queue: &str) -> BrokerResult<u64> {
         let mut pipe = redis::pipe();
         for step in PRIORITY_STEPS {
             pipe.llen(self.key(&priority_list(queue, step)));
@@ -513,27 +448,71 @@ impl RedisBroker {
         Ok(lens.iter().sum())
     }
 
-    /// Runs `pipe` on the broker connection.
-    pub async fn exec(&self, pipe: &redis::Pipeline) -> redis::RedisResult<()> {
-        pipe.query_async(&mut self.conn.clone()).await
+    async fn scheduled_len(&self) -> BrokerResult<u64> {
+        Ok(self.conn.clone().zcard(self.own("scheduled")).await?)
     }
 
-    /// Counts messages in the scheduled set.
-    pub async fn scheduled_len(&self) -> redis::RedisResult<u64> {
-        self.conn.clone().zcard(self.own("scheduled")).await
+    async fn dlq_queues(&self) -> BrokerResult<Vec<String>> {
+        let prefix = self.dlq_key("");
+        let mut conn = self.conn.clone();
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        Ok(keys.into_iter().map(|k| k[prefix.len()..].to_string()).collect())
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::priority_list;
+    async fn dlq_records(&self, queue: &str, limit: usize) -> BrokerResult<Vec<String>> {
+        let end = if limit == 0 { 0 } else { (limit.min(isize::MAX as usize) as isize) - 1 };
+        Ok(self.conn.clone().lrange(self.dlq_key(queue), 0, end).await?)
+    }
 
-    #[test]
-    fn priorities_round_down_to_kombu_steps() {
-        assert_eq!(priority_list("celery", 0), "celery");
-        assert_eq!(priority_list("celery", 2), "celery");
-        assert_eq!(priority_list("celery", 5), "celery\x06\x163");
-        assert_eq!(priority_list("celery", 6), "celery\x06\x166");
-        assert_eq!(priority_list("celery", 42), "celery\x06\x169");
+    async fn dlq_replay(
+        &self,
+        queue: &str,
+        record: &str,
+        to_queue: &str,
+        priority: u8,
+        envelope: &str,
+    ) -> BrokerResult<bool> {
+        let moved: i64 = self
+            .dlq_replay
+            .key(self.dlq_key(queue))
+            .key(self.key(&priority_list(to_queue, priority)))
+            .arg(record)
+            .arg(envelope)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(moved > 0)
+    }
+
+    async fn dlq_purge(&self, queue: &str) -> BrokerResult<u64> {
+        let key = self.dlq_key(queue);
+        let (n,): (u64,) = redis::pipe()
+            .atomic()
+            .llen(&key)
+            .del(&key)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(n)
+    }
+
+    async fn serve_control(&self, hostname: String, revoke_ttl: Duration) {
+        crate::control::serve(self.clone(), self.url.clone(), hostname, revoke_ttl).await
     }
 }

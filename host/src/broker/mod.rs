@@ -1,0 +1,233 @@
+//! Brokers: where task messages wait, how a worker takes them with a lease, and how it settles
+//! them. Two implementations share the same semantics and one conformance suite
+//! (`tests/tests/broker.rs`): [`RedisBroker`], in kombu's layout so Python Celery workers and
+//! celeriac share queues, and [`MemoryBroker`] (`memory://`), for `celeriac demo` and fast tests.
+
+mod memory;
+mod redis;
+
+pub use self::memory::MemoryBroker;
+pub use self::redis::{RedisBroker, connect};
+
+use crate::results::StoredResult;
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// kombu's priority separator.
+pub const PRIORITY_SEP: &str = "\x06\x16";
+/// kombu's priority steps; a priority rounds down to a step; on Redis 0 is served first.
+pub const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
+
+/// The list holding messages of `priority` for `queue` (without any key prefix).
+pub fn priority_list(queue: &str, priority: u8) -> String {
+    let step = PRIORITY_STEPS.iter().rev().find(|s| **s <= priority.min(9)).copied().unwrap_or(0);
+    if step == 0 { queue.to_string() } else { format!("{queue}{PRIORITY_SEP}{step}") }
+}
+
+/// Seconds since the Unix epoch, as a float (kombu's `unacked_index` scores).
+pub fn now_secs() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    (now_secs() * 1000.0) as i64
+}
+
+/// A message taken from a queue, recorded as unacked under `tag`.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Key in `unacked`; ack with it.
+    pub tag: String,
+    /// The queue it came from.
+    pub queue: String,
+    /// The envelope, untouched.
+    pub payload: Vec<u8>,
+}
+
+/// What happens to other messages when a delivery is acked; applied in the same atomic step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FollowUp {
+    /// Put a message on a queue now.
+    Publish {
+        /// Queue.
+        queue: String,
+        /// Priority 0-9.
+        priority: u8,
+        /// Envelope JSON.
+        envelope: String,
+    },
+    /// Park a message until `due_ms` (Unix milliseconds).
+    Schedule {
+        /// Queue.
+        queue: String,
+        /// Priority 0-9.
+        priority: u8,
+        /// Envelope JSON.
+        envelope: String,
+        /// When it is due.
+        due_ms: i64,
+    },
+    /// Add a record to a queue's dead-letter list.
+    DeadLetter {
+        /// The queue the message came from.
+        queue: String,
+        /// The record JSON.
+        record: String,
+    },
+}
+
+/// Broker settings.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    /// kombu's `global_keyprefix`, put before every key and channel.
+    pub global_prefix: String,
+    /// How long a message of ours may go without a lease renewal before it is restored.
+    pub lease: Duration,
+    /// kombu's `visibility_timeout`: entries of other workers are restored only after this.
+    pub visibility_timeout: Duration,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        BrokerOptions {
+            global_prefix: String::new(),
+            lease: Duration::from_secs(30),
+            visibility_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Why a broker call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Redis refused or could not be reached.
+    #[error(transparent)]
+    Redis(#[from] ::redis::RedisError),
+}
+
+/// What a broker call returns.
+pub type BrokerResult<T> = Result<T, BrokerError>;
+
+/// The operations a worker and the client commands need from a broker. Every method that moves
+/// a message does so atomically: a crash at any point leaves each message in exactly one place.
+pub trait Broker: Clone + Send + Sync + 'static {
+    /// Makes `queues` known to producers that route through the default exchange.
+    fn declare(&self, queues: &[String]) -> impl Future<Output = BrokerResult<()>> + Send;
+
+    /// Takes up to `max` messages from `queues` (strictly in that order, each queue's priorities
+    /// from most urgent), recording each as unacked with a lease. `tag_prefix` is unique per call.
+    fn fetch(
+        &self,
+        queues: &[String],
+        max: usize,
+        tag_prefix: &str,
+    ) -> impl Future<Output = BrokerResult<Vec<Delivery>>> + Send;
+
+    /// Acks deliveries, each together with its follow-ups, in one atomic step.
+    fn settle(
+        &self,
+        batch: &[(String, Vec<FollowUp>)],
+    ) -> impl Future<Output = BrokerResult<()>> + Send;
+
+    /// Applies follow-ups without an ack (producers: publish, schedule).
+    fn send(&self, items: &[FollowUp]) -> impl Future<Output = BrokerResult<()>> + Send;
+
+    /// Extends the leases of running deliveries.
+    fn renew(&self, tags: &[String]) -> impl Future<Output = BrokerResult<()>> + Send;
+
+    /// Ends the leases of `tags` now, so the next restore returns them to their queues.
+    fn expire_leases(&self, tags: &[String]) -> impl Future<Output = BrokerResult<()>> + Send;
+
+    /// Returns deliveries whose lease ran out to the front of their queue, marked redelivered;
+    /// `None` when another worker is restoring right now.
+    fn restore_expired(&self) -> impl Future<Output = BrokerResult<Option<u64>>> + Send;
+
+    /// Moves scheduled messages that are due onto their queues; returns how many.
+    fn move_due(&self) -> impl Future<Output = BrokerResult<u64>> + Send;
+
+    /// Takes a token from the global bucket of `task`: `None` when allowed now, else the wait.
+    fn take_token(
+        &self,
+        task: &str,
+        per_second: f64,
+        capacity: f64,
+    ) -> impl Future<Output = BrokerResult<Option<Duration>>> + Send;
+
+    /// Revokes task ids for `ttl`; with `terminate` running ones are to be stopped too.
+    fn revoke(
+        &self,
+        ids: &[String],
+        ttl: Duration,
+        terminate: bool,
+    ) -> impl Future<Output = BrokerResult<()>> + Send;
+
+    /// How many revocations are stored (a cheap change detector).
+    fn revoked_count(&self) -> impl Future<Output = BrokerResult<u64>> + Send;
+
+    /// Every task id whose revocation has not expired.
+    fn revoked_ids(&self) -> impl Future<Output = BrokerResult<Vec<String>>> + Send;
+
+    /// Which of `ids` were revoked with terminate.
+    fn terminating(&self, ids: &[&str]) -> impl Future<Output = BrokerResult<Vec<bool>>> + Send;
+
+    /// Messages waiting on `queue` (all priorities).
+    fn queue_len(&self, queue: &str) -> impl Future<Output = BrokerResult<u64>> + Send;
+
+    /// Messages waiting in the scheduled set.
+    fn scheduled_len(&self) -> impl Future<Output = BrokerResult<u64>> + Send;
+
+    /// Queues that have dead letters.
+    fn dlq_queues(&self) -> impl Future<Output = BrokerResult<Vec<String>>> + Send;
+
+    /// The dead-letter records of `queue`, newest first, at most `limit`.
+    fn dlq_records(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> impl Future<Output = BrokerResult<Vec<String>>> + Send;
+
+    /// Removes one dead-letter record and, only if it was still there, puts `envelope` on
+    /// `to_queue`, in one atomic step. Returns whether it moved.
+    fn dlq_replay(
+        &self,
+        queue: &str,
+        record: &str,
+        to_queue: &str,
+        priority: u8,
+        envelope: &str,
+    ) -> impl Future<Output = BrokerResult<bool>> + Send;
+
+    /// Deletes the dead letters of `queue`; returns how many there were.
+    fn dlq_purge(&self, queue: &str) -> impl Future<Output = BrokerResult<u64>> + Send;
+
+    /// Answers Celery's remote control for worker `hostname` until dropped, if this broker
+    /// carries it (Redis does; the memory broker has no remote clients).
+    fn serve_control(
+        &self,
+        hostname: String,
+        revoke_ttl: Duration,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// Where results go: Celery's result backend.
+pub trait ResultStore: Clone + Send + Sync + 'static {
+    /// Stores results (never overwriting a stored SUCCESS) and announces them.
+    fn store(&self, results: &[StoredResult]) -> impl Future<Output = BrokerResult<()>> + Send;
+    /// A task's stored meta JSON; `None` while PENDING.
+    fn get(&self, id: &str) -> impl Future<Output = BrokerResult<Option<String>>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::priority_list;
+
+    #[test]
+    fn priorities_round_down_to_kombu_steps() {
+        assert_eq!(priority_list("celery", 0), "celery");
+        assert_eq!(priority_list("celery", 2), "celery");
+        assert_eq!(priority_list("celery", 5), "celery\x06\x163");
+        assert_eq!(priority_list("celery", 6), "celery\x06\x166");
+        assert_eq!(priority_list("celery", 42), "celery\x06\x169");
+    }
+}

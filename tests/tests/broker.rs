@@ -1,0 +1,192 @@
+//! One conformance suite, run against both brokers: the Redis broker (a real `redis-server` of
+//! the test's own) and the in-memory one behave the same.
+
+use celeriac::broker::{Broker, BrokerOptions, FollowUp, MemoryBroker, RedisBroker, now_ms};
+use celeriac::protocol::{self, NewTask};
+use serde_json::json;
+use std::time::Duration;
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn message(id: &str, queue: &str, priority: u8) -> FollowUp {
+    let opts = NewTask { id: Some(id.into()), priority: Some(priority), ..NewTask::default() };
+    let (_, envelope) =
+        protocol::encode("diagnostics.noop", &json!([id]), &json!({}), queue, &opts);
+    FollowUp::Publish { queue: queue.into(), priority, envelope }
+}
+
+fn ids(deliveries: &[celeriac::broker::Delivery]) -> Vec<String> {
+    deliveries.iter().map(|d| protocol::decode(&d.payload).unwrap().id).collect()
+}
+
+fn queues(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+async fn fetch_serves_queues_in_strict_order_then_priority_then_fifo<B: Broker>(b: B) {
+    for (id, q, p) in [
+        ("low-0", "low", 0),
+        ("high-9", "high", 9),
+        ("high-0a", "high", 0),
+        ("high-5", "high", 5),
+        ("high-0b", "high", 0),
+        ("low-3", "low", 3),
+    ] {
+        b.send(&[message(id, q, p)]).await.unwrap();
+    }
+    let mut order = Vec::new();
+    for round in 0.. {
+        let got = b.fetch(&queues(&["high", "low"]), 2, &format!("r{round}.")).await.unwrap();
+        if got.is_empty() {
+            break;
+        }
+        assert!(got.iter().all(|d| d.queue == "high" || d.queue == "low"));
+        order.extend(ids(&got));
+    }
+    assert_eq!(order, ["high-0a", "high-0b", "high-5", "high-9", "low-0", "low-3"]);
+}
+
+async fn settle_acks_and_applies_follow_ups_together<B: Broker>(b: B) {
+    b.send(&[message("a", "q", 0)]).await.unwrap();
+    let got = b.fetch(&queues(&["q"]), 10, "t.").await.unwrap();
+    assert_eq!(got.len(), 1);
+    let follow_ups = vec![
+        message("child", "q", 0),
+        FollowUp::Schedule {
+            queue: "q".into(),
+            priority: 0,
+            envelope: "{}".into(),
+            due_ms: now_ms() + 60_000,
+        },
+        FollowUp::DeadLetter { queue: "q".into(), record: r#"{"id":"a"}"#.into() },
+    ];
+    b.settle(&[(got[0].tag.clone(), follow_ups)]).await.unwrap();
+    assert_eq!(b.queue_len("q").await.unwrap(), 1);
+    assert_eq!(b.scheduled_len().await.unwrap(), 1);
+    assert_eq!(b.dlq_records("q", 10).await.unwrap(), vec![r#"{"id":"a"}"#.to_string()]);
+    assert_eq!(b.dlq_queues().await.unwrap(), vec!["q".to_string()]);
+    // Acked: nothing to restore even with its lease ended.
+    b.expire_leases(&[got[0].tag.clone()]).await.unwrap();
+    assert_eq!(b.restore_expired().await.unwrap(), Some(0));
+}
+
+async fn an_expired_lease_returns_the_message_first_in_line_marked_redelivered<B: Broker>(b: B) {
+    b.send(&[message("first", "q", 0), message("second", "q", 0)]).await.unwrap();
+    let got = b.fetch(&queues(&["q"]), 1, "t.").await.unwrap();
+    assert_eq!(ids(&got), ["first"]);
+    assert_eq!(b.restore_expired().await.unwrap(), Some(0), "a live lease is left alone");
+    b.renew(&[got[0].tag.clone()]).await.unwrap();
+    b.expire_leases(&[got[0].tag.clone()]).await.unwrap();
+    assert_eq!(b.restore_expired().await.unwrap(), Some(1));
+    let again = b.fetch(&queues(&["q"]), 10, "u.").await.unwrap();
+    assert_eq!(ids(&again), ["first", "second"], "restored ahead of what waited");
+    let m = protocol::decode(&again[0].payload).unwrap();
+    assert_eq!(m.envelope["headers"]["redelivered"], true);
+}
+
+async fn due_messages_move_once_and_future_ones_wait<B: Broker>(b: B) {
+    let now = now_ms();
+    let (_, envelope) = protocol::encode("t", &json!([]), &json!({}), "q", &NewTask::default());
+    b.send(&[
+        FollowUp::Schedule {
+            queue: "q".into(),
+            priority: 0,
+            envelope: envelope.clone(),
+            due_ms: now - 1,
+        },
+        FollowUp::Schedule {
+            queue: "q".into(),
+            priority: 6,
+            envelope: envelope.replace("\"t\"", "\"u\""),
+            due_ms: now - 1,
+        },
+        FollowUp::Schedule {
+            queue: "q".into(),
+            priority: 0,
+            envelope: envelope.replace("\"t\"", "\"v\""),
+            due_ms: now + 60_000,
+        },
+    ])
+    .await
+    .unwrap();
+    let (a, c) = tokio::join!(b.move_due(), b.move_due());
+    assert_eq!(a.unwrap() + c.unwrap(), 2, "two movers, each message moved once");
+    assert_eq!(b.queue_len("q").await.unwrap(), 2);
+    assert_eq!(b.scheduled_len().await.unwrap(), 1);
+}
+
+async fn revocations_expire_and_terminate_is_separate<B: Broker>(b: B) {
+    b.revoke(&["x".into()], Duration::from_secs(60), false).await.unwrap();
+    b.revoke(&["y".into()], Duration::from_secs(60), true).await.unwrap();
+    b.revoke(&["old".into()], Duration::from_millis(1), false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut revoked = b.revoked_ids().await.unwrap();
+    revoked.sort();
+    assert_eq!(revoked, ["x", "y"]);
+    assert_eq!(b.terminating(&["x", "y", "z"]).await.unwrap(), [false, true, false]);
+}
+
+async fn the_token_bucket_allows_a_burst_then_paces<B: Broker>(b: B) {
+    let mut allowed = 0;
+    let mut waits = Vec::new();
+    for _ in 0..8 {
+        match b.take_token("task", 4.0, 4.0).await.unwrap() {
+            None => allowed += 1,
+            Some(w) => waits.push(w),
+        }
+    }
+    assert_eq!(allowed, 4);
+    assert!(
+        waits.iter().all(|w| *w > Duration::ZERO && *w <= Duration::from_millis(250)),
+        "{waits:?}"
+    );
+}
+
+async fn a_dead_letter_replays_once<B: Broker>(b: B) {
+    let record = r#"{"id":"d"}"#;
+    b.send(&[FollowUp::DeadLetter { queue: "q".into(), record: record.into() }]).await.unwrap();
+    let (x, y) = tokio::join!(
+        b.dlq_replay("q", record, "q", 0, "{}"),
+        b.dlq_replay("q", record, "q", 0, "{}")
+    );
+    assert_eq!([x.unwrap(), y.unwrap()].iter().filter(|m| **m).count(), 1);
+    assert_eq!(b.queue_len("q").await.unwrap(), 1);
+    b.send(&[FollowUp::DeadLetter { queue: "q".into(), record: "{}".into() }]).await.unwrap();
+    assert_eq!(b.dlq_purge("q").await.unwrap(), 1);
+    assert!(b.dlq_records("q", 10).await.unwrap().is_empty());
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod redis_broker {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let redis = celeriac_tests::RedisServer::start();
+                    let opts = BrokerOptions { lease: LEASE, ..BrokerOptions::default() };
+                    super::$name(RedisBroker::connect(&redis.url(0), opts).await.unwrap()).await;
+                }
+            )*
+        }
+        mod memory_broker {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(MemoryBroker::new(LEASE)).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    fetch_serves_queues_in_strict_order_then_priority_then_fifo,
+    settle_acks_and_applies_follow_ups_together,
+    an_expired_lease_returns_the_message_first_in_line_marked_redelivered,
+    due_messages_move_once_and_future_ones_wait,
+    revocations_expire_and_terminate_is_separate,
+    the_token_bucket_allows_a_burst_then_paces,
+    a_dead_letter_replays_once,
+);
