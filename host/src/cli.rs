@@ -1,6 +1,6 @@
 //! The `celeriac` command line.
 
-use crate::broker::{Broker, BrokerOptions, RedisBroker};
+use crate::broker::{Broker, BrokerOptions, MemoryBroker, RedisBroker};
 use crate::client;
 use crate::config::{Config, Overrides, TaskSettings};
 use crate::kv::KvStore;
@@ -46,6 +46,8 @@ pub struct Cli {
 /// What to do.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the example tasks end to end in one process (in-memory broker unless --broker).
+    Demo,
     /// Run one task locally under its limits and grants, without a broker.
     Run(RunArgs),
     /// Consume queues and run tasks.
@@ -240,6 +242,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
     };
     let prefix = cli.global_prefix.clone();
     match cli.command {
+        Command::Demo => {
+            let explicit = cli.broker.clone();
+            let config = Config::load(cli.config.as_deref(), &overrides)?;
+            demo(&config, explicit.as_deref(), &prefix).await
+        }
         Command::Worker(args) => {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
             worker(&config, &prefix, args).await
@@ -308,11 +315,40 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+async fn demo(config: &Config, broker_url: Option<&str>, prefix: &str) -> anyhow::Result<i32> {
+    let registry = Arc::new(Registry::load(config, 4).await?);
+    match broker_url {
+        None | Some("memory://") => {
+            let broker = MemoryBroker::new(Duration::from_secs(30));
+            crate::demo::run(registry, broker.clone(), broker, KvStore::memory(), "memory://").await
+        }
+        Some(url) => {
+            let broker = RedisBroker::connect(url, broker_options(prefix)).await?;
+            let results =
+                ResultBackend::connect(&config.result_backend, prefix, Duration::from_secs(3600))
+                    .await?;
+            let kv = KvStore::redis(broker.conn(), prefix);
+            crate::demo::run(registry, broker, results, kv, url).await
+        }
+    }
+}
+
+/// `memory://` lives inside one process; only `celeriac demo` can use it.
+fn redis_only(url: &str) -> anyhow::Result<()> {
+    if url.starts_with("memory://") {
+        anyhow::bail!(
+            "memory:// lives inside one process; use `celeriac demo`, or a redis:// broker"
+        );
+    }
+    Ok(())
+}
+
 fn broker_options(prefix: &str) -> BrokerOptions {
     BrokerOptions { global_prefix: prefix.to_string(), ..BrokerOptions::default() }
 }
 
 async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Result<i32> {
+    redis_only(&config.broker)?;
     let registry = Arc::new(Registry::load(config, args.concurrency as u32).await?);
     let opts = BrokerOptions {
         global_prefix: prefix.to_string(),
@@ -371,6 +407,7 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
 }
 
 async fn enqueue(config: &Config, prefix: &str, args: EnqueueArgs) -> anyhow::Result<i32> {
+    redis_only(&config.broker)?;
     let positional = json_flag("args", &args.args)?;
     let keywords = json_flag("kwargs", &args.kwargs)?;
     if !positional.is_array() || !keywords.is_object() {

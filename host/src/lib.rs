@@ -15,6 +15,7 @@
 //! - [`broker`]: kombu's Redis layout: fetch, ack, leases, restore, scheduling, revocation.
 //! - [`results`]: the Celery result backend on Redis.
 //! - [`client`]: enqueue, status, revoke and dead-letter commands.
+//! - [`demo`]: `celeriac demo`, the example tasks end to end in one process.
 //! - [`control`]: Celery's remote control (`revoke`, `ping`) over the pidbox channel.
 //! - [`units`]: human durations and sizes (`5m`, `64MiB`).
 //! - [`cli`]: the `celeriac` command line.
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod kv;
 pub mod protocol;
 pub mod registry;

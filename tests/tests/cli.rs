@@ -182,3 +182,40 @@ fn modules_check_lists_tasks_and_rejects_foreign_modules() {
         "{stderr}"
     );
 }
+
+#[test]
+fn demo_runs_the_example_tasks_end_to_end_in_memory() {
+    let out = celeriac(&["demo"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("celeriac demo on memory://"), "{stdout}");
+    assert!(stdout.contains("summary: 13 runs succeeded, 1 failed, 2 retries"), "{stdout}");
+    assert!(stdout.contains("dead letter in default: diagnostics.fail"), "{stdout}");
+    assert!(!stdout.contains("did not end as expected"), "{stdout}");
+}
+
+#[test]
+fn demo_runs_against_redis_too() {
+    let redis = celeriac_tests::RedisServer::start();
+    let out = Command::new(binary())
+        .args(["--broker", &redis.url(0), "--result-backend", &redis.url(1), "demo"])
+        .current_dir(repo_root())
+        .env("CELERIAC_CACHE", celeriac_tests::test_cache_dir())
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains(&format!("celeriac demo on {}", redis.url(0))), "{stdout}");
+    assert!(stdout.contains("summary: 13 runs succeeded, 1 failed, 2 retries"), "{stdout}");
+    // The results are real Celery results in Redis.
+    let mut c = redis.client(1);
+    let keys: Vec<String> = redis::Commands::keys(&mut c, "celery-task-meta-*").unwrap();
+    assert_eq!(keys.len(), 14);
+}
+
+#[test]
+fn client_commands_refuse_the_in_process_broker() {
+    let out = celeriac(&["--broker", "memory://", "enqueue", "diagnostics.noop"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("celeriac demo"), "{}", text(&out.stderr));
+}
