@@ -1,25 +1,7 @@
 //! The `celeriac` binary as a user runs it from the repository root, README commands included.
 
-use std::path::{Path, PathBuf};
+use celeriac_tests::{celeriac_binary as binary, repo_root};
 use std::process::{Command, Output};
-
-/// The `celeriac` binary next to this test executable (`target/debug/celeriac`). `scripts/test`
-/// builds it before the tests run.
-fn binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join("celeriac");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build` first (scripts/test does)",
-        bin.display()
-    );
-    bin
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
 
 fn celeriac(args: &[&str]) -> Output {
     Command::new(binary())
