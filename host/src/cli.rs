@@ -134,7 +134,8 @@ pub enum DlqCommand {
 /// `celeriac worker ...`
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// Queues to consume, in priority order [default: the queues of the loaded tasks].
+    /// Queues to consume, in priority order [default: the queues of the loaded tasks]. Give
+    /// weights (`-Q high:6,default:3,low:1`) to consume them weighted instead of strictly.
     #[arg(short = 'Q', long, value_delimiter = ',')]
     pub queues: Vec<String>,
     /// Task slots.
@@ -333,6 +334,28 @@ async fn demo(config: &Config, broker_url: Option<&str>, prefix: &str) -> anyhow
     }
 }
 
+/// Splits `-Q a:3,b:1` into names and weights; all or none must have a weight.
+fn parse_queue_weights(specs: &[String]) -> anyhow::Result<(Vec<String>, Vec<u32>)> {
+    let mut names = Vec::new();
+    let mut weights = Vec::new();
+    for spec in specs {
+        match spec.split_once(':') {
+            Some((name, w)) => {
+                let w: u32 = w.parse().ok().filter(|w| *w > 0).ok_or_else(|| {
+                    anyhow::anyhow!("-Q {spec}: the weight must be a positive whole number")
+                })?;
+                names.push(name.to_string());
+                weights.push(w);
+            }
+            None => names.push(spec.clone()),
+        }
+    }
+    if !weights.is_empty() && weights.len() != names.len() {
+        anyhow::bail!("-Q: give every queue a weight (high:6,low:1) or none (strict order)");
+    }
+    Ok((names, weights))
+}
+
 /// `memory://` lives inside one process; only `celeriac demo` can use it.
 fn redis_only(url: &str) -> anyhow::Result<()> {
     if url.starts_with("memory://") {
@@ -349,6 +372,7 @@ fn broker_options(prefix: &str) -> BrokerOptions {
 
 async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Result<i32> {
     redis_only(&config.broker)?;
+    let (named, weights) = parse_queue_weights(&args.queues)?;
     let registry = Arc::new(Registry::load(config, args.concurrency as u32).await?);
     let opts = BrokerOptions {
         global_prefix: prefix.to_string(),
@@ -359,14 +383,14 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
     let results =
         ResultBackend::connect(&config.result_backend, prefix, args.result_expires.0).await?;
     let kv = KvStore::redis(broker.conn(), prefix);
-    let queues = if args.queues.is_empty() {
+    let queues = if named.is_empty() {
         let mut q: Vec<String> = registry.tasks().map(|e| e.spec.queue.clone()).collect();
         q.push("celery".into());
         q.sort();
         q.dedup();
         q
     } else {
-        args.queues.clone()
+        named
     };
     let hostname = args.hostname.unwrap_or_else(|| format!("celeriac@{}", protocol::hostname()));
     let options = WorkerOptions {
@@ -376,6 +400,7 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
         grace: args.grace.0,
         revoke_ttl: Duration::from_secs(3 * 3600),
         track_started: !args.no_track_started,
+        weights,
     };
     let w = Worker::new(registry, broker, results, kv, options);
     let shutdown = CancellationToken::new();

@@ -61,6 +61,7 @@ pub async fn run<B: Broker, R: ResultStore>(
         grace: Duration::from_secs(5),
         revoke_ttl: Duration::from_secs(600),
         track_started: true,
+        weights: Vec::new(),
     };
     let worker = Worker::new(registry.clone(), broker.clone(), results.clone(), kv, opts);
     let stop = CancellationToken::new();

@@ -46,6 +46,9 @@ pub struct WorkerOptions {
     /// Queues in priority order (strict: a later queue is served only when earlier ones are
     /// empty).
     pub queues: Vec<String>,
+    /// Weights per queue (same order as `queues`) for weighted consumption: each fetch starts
+    /// at a queue drawn with these weights, so no queue starves. Empty means strict order.
+    pub weights: Vec<u32>,
     /// Task slots.
     pub concurrency: usize,
     /// `celeriac@<host>`.
@@ -177,7 +180,8 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             }
             let n = self.fetches.fetch_add(1, Ordering::Relaxed);
             let prefix = format!("{}.{n}.", self.id);
-            let deliveries = match self.broker.fetch(&self.opts.queues, free, &prefix).await {
+            let order = fetch_order(&self.opts.queues, &self.opts.weights);
+            let deliveries = match self.broker.fetch(&order, free, &prefix).await {
                 Ok(d) => {
                     redis_down = Duration::ZERO;
                     d
@@ -666,6 +670,34 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     }
 }
 
+/// The queue order for one fetch. Strict mode is the configured order. Weighted mode draws the
+/// queues one after another without replacement, each with probability proportional to its
+/// weight: a queue of weight 6 next to one of weight 1 is served first six times in seven, and
+/// the other still gets its turn instead of starving.
+pub fn fetch_order(queues: &[String], weights: &[u32]) -> Vec<String> {
+    if weights.len() != queues.len() || queues.len() < 2 {
+        return queues.to_vec();
+    }
+    let mut pool: Vec<(&String, u32)> = queues.iter().zip(weights.iter().copied()).collect();
+    let mut order = Vec::with_capacity(pool.len());
+    while !pool.is_empty() {
+        let total: u32 = pool.iter().map(|(_, w)| *w).sum();
+        let mut pick = if total == 0 { 0 } else { rand::random_range(0..total) };
+        let index = pool
+            .iter()
+            .position(|(_, w)| {
+                if pick < *w {
+                    return true;
+                }
+                pick -= *w;
+                false
+            })
+            .unwrap_or(0);
+        order.push(pool.remove(index).0.clone());
+    }
+    order
+}
+
 /// Full jitter: uniform in [0, delay] so retries of many failed tasks spread out.
 fn jitter(delay: Duration, enabled: bool) -> Duration {
     if !enabled || delay.is_zero() {
@@ -710,4 +742,25 @@ pub fn dead_letter_record(
 /// Parses a time given on the command line: ISO-8601, or `now`.
 pub fn parse_cli_time(s: &str) -> Option<DateTime<Utc>> {
     if s == "now" { Some(Utc::now()) } else { protocol::parse_time(s) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fetch_order;
+
+    #[test]
+    fn strict_order_is_kept_and_weights_share_the_first_place() {
+        let queues: Vec<String> = ["high", "low"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(fetch_order(&queues, &[]), queues);
+        let mut high_first = 0;
+        for _ in 0..7000 {
+            let order = fetch_order(&queues, &[6, 1]);
+            assert_eq!(order.len(), 2);
+            if order[0] == "high" {
+                high_first += 1;
+            }
+        }
+        // Expected 6000 of 7000; allow for chance.
+        assert!((5700..6300).contains(&high_first), "{high_first}");
+    }
 }

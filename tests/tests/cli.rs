@@ -201,3 +201,12 @@ fn client_commands_refuse_the_in_process_broker() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("celeriac demo"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn queue_weights_must_be_given_for_all_queues_or_none() {
+    let out = celeriac(&["worker", "-Q", "high:6,low"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("give every queue a weight"), "{}", text(&out.stderr));
+    let out = celeriac(&["worker", "-Q", "high:0,low:1"]);
+    assert!(text(&out.stderr).contains("positive whole number"), "{}", text(&out.stderr));
+}

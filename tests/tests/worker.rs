@@ -81,6 +81,7 @@ pub(crate) async fn start(
         grace: Duration::from_secs(5),
         revoke_ttl: Duration::from_secs(600),
         track_started: true,
+        weights: Vec::new(),
     };
     let worker = Worker::new(registry, broker, results(redis).await, kv, opts);
     let stop = CancellationToken::new();
@@ -355,6 +356,7 @@ async fn shutdown_hands_unfinished_tasks_back_to_their_queue() {
         grace: Duration::from_millis(300),
         revoke_ttl: Duration::from_secs(60),
         track_started: true,
+        weights: Vec::new(),
     };
     let kv = KvStore::redis(b.conn(), "");
     let worker = Worker::new(registry, b.clone(), r.clone(), kv, opts);
