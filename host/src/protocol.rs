@@ -5,7 +5,10 @@
 
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::{Map, Value, json};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use std::borrow::Cow;
+use std::collections::HashMap;
 
 /// Largest envelope the worker accepts; bigger ones are dead-lettered as oversized.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
@@ -82,7 +85,7 @@ pub struct TaskMessage {
     /// Whether the producer asked not to store the result.
     pub ignore_result: bool,
     /// The whole envelope as received.
-    pub envelope: Value,
+    pub raw: String,
 }
 
 /// Options for a new message.
@@ -117,18 +120,30 @@ fn decode_kombu_types(v: Value) -> Value {
     }
 }
 
-fn opt_str(h: &Map<String, Value>, key: &'static str) -> Result<Option<String>, Poison> {
-    match h.get(key) {
+/// A JSON object's members as raw slices of the envelope: only the few headers the worker
+/// needs are parsed, instead of building a tree of the whole envelope for every message.
+type RawMap<'a> = HashMap<Cow<'a, str>, &'a RawValue>;
+
+fn raw_map<'a>(raw: Option<&'a RawValue>) -> Option<RawMap<'a>> {
+    raw.and_then(|r| serde_json::from_str(r.get()).ok())
+}
+
+fn field(map: &RawMap<'_>, key: &str) -> Option<Value> {
+    map.get(key).and_then(|r| serde_json::from_str(r.get()).ok())
+}
+
+fn opt_str(h: &RawMap<'_>, key: &'static str) -> Result<Option<String>, Poison> {
+    match field(h, key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::String(s)) => Ok(Some(s)),
         Some(other) => Err(Poison::BadHeader(key, format!("expected a string, got {other}"))),
     }
 }
 
-fn opt_time(h: &Map<String, Value>, key: &'static str) -> Result<Option<DateTime<Utc>>, Poison> {
-    let value = match h.get(key) {
-        Some(Value::Object(o)) if o.contains_key("__value__") => o.get("__value__").cloned(),
-        other => other.cloned(),
+fn opt_time(h: &RawMap<'_>, key: &'static str) -> Result<Option<DateTime<Utc>>, Poison> {
+    let value = match field(h, key) {
+        Some(Value::Object(mut o)) if o.contains_key("__value__") => o.remove("__value__"),
+        other => other,
     };
     match value {
         None | Some(Value::Null) => Ok(None),
@@ -137,6 +152,19 @@ fn opt_time(h: &Map<String, Value>, key: &'static str) -> Result<Option<DateTime
             .ok_or_else(|| Poison::BadHeader(key, format!("not an ISO-8601 time: {s:?}"))),
         Some(other) => Err(Poison::BadHeader(key, format!("expected a time, got {other}"))),
     }
+}
+
+/// The envelope's top level, with everything below kept raw.
+#[derive(serde::Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(borrow, default)]
+    body: Option<&'a RawValue>,
+    #[serde(rename = "content-type", borrow, default)]
+    content_type: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    headers: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    properties: Option<&'a RawValue>,
 }
 
 /// Parses Celery's ISO-8601 times; a time without an offset is taken as UTC, as Celery does
@@ -158,33 +186,34 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Poison> {
     if raw.len() > MAX_MESSAGE_BYTES {
         return Err(Poison::Oversized(raw.len()));
     }
-    let envelope: Value =
-        serde_json::from_slice(raw).map_err(|e| Poison::BadJson(e.to_string()))?;
-    let Value::Object(env) = &envelope else {
-        return Err(Poison::BadJson("the envelope is not an object".into()));
-    };
-    match env.get("content-type").and_then(Value::as_str) {
-        Some("application/json") | None => {}
-        Some(other) => return Err(Poison::ContentType(other.to_string())),
+    let text = std::str::from_utf8(raw).map_err(|e| Poison::BadJson(format!("not UTF-8: {e}")))?;
+    let env: RawEnvelope<'_> = serde_json::from_str(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            Poison::BadJson(format!("the envelope is not a kombu message: {e}"))
+        }
+        _ => Poison::BadJson(e.to_string()),
+    })?;
+    match env.content_type.map(|c| serde_json::from_str::<Value>(c.get())) {
+        None | Some(Ok(Value::Null)) => {}
+        Some(Ok(Value::String(c))) if c == "application/json" => {}
+        Some(Ok(Value::String(other))) => return Err(Poison::ContentType(other)),
+        Some(other) => return Err(Poison::ContentType(format!("{other:?}"))),
     }
-    let headers = match env.get("headers") {
-        Some(Value::Object(h)) => h,
-        _ => return Err(Poison::UnknownProtocol("no headers".into())),
-    };
-    let task = match headers.get("task") {
-        Some(Value::String(t)) if !t.is_empty() => t.clone(),
+    let headers =
+        raw_map(env.headers).ok_or_else(|| Poison::UnknownProtocol("no headers".into()))?;
+    let task = match field(&headers, "task") {
+        Some(Value::String(t)) if !t.is_empty() => t,
         _ => return Err(Poison::UnknownProtocol("no headers.task".into())),
     };
-    let id = opt_str(headers, "id")?
+    let id = opt_str(&headers, "id")?
         .filter(|s| !s.is_empty())
         .ok_or(Poison::BadHeader("id", "missing".into()))?;
-    let properties = env.get("properties").and_then(Value::as_object);
-    let body =
-        env.get("body").and_then(Value::as_str).ok_or_else(|| Poison::BadBody("no body".into()))?;
-    let base64 = properties
-        .and_then(|p| p.get("body_encoding"))
-        .and_then(Value::as_str)
-        .is_some_and(|e| e == "base64");
+    let properties = raw_map(env.properties).unwrap_or_default();
+    let body = match env.body.map(|b| serde_json::from_str::<Cow<'_, str>>(b.get())) {
+        Some(Ok(body)) => body,
+        _ => return Err(Poison::BadBody("no body".into())),
+    };
+    let base64 = field(&properties, "body_encoding").is_some_and(|e| e == "base64");
     let body_bytes = if base64 {
         base64::engine::general_purpose::STANDARD
             .decode(body.trim())
@@ -204,20 +233,19 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Poison> {
     if !args.is_array() || !kwargs.is_object() {
         return Err(Poison::BadBody("args must be a list and kwargs an object".into()));
     }
-    let retries = match headers.get("retries") {
+    let retries = match field(&headers, "retries") {
         None | Some(Value::Null) => 0,
         Some(v) => v
             .as_u64()
             .map(|r| r.min(u32::MAX as u64) as u32)
             .ok_or_else(|| Poison::BadHeader("retries", format!("expected a count, got {v}")))?,
     };
-    let time_limits = match headers.get("timelimit") {
+    let time_limits = match field(&headers, "timelimit") {
         Some(Value::Array(a)) if a.len() == 2 => (a[0].as_f64(), a[1].as_f64()),
         _ => (None, None),
     };
-    let priority = properties
-        .and_then(|p| p.get("priority"))
-        .and_then(Value::as_u64)
+    let priority = field(&properties, "priority")
+        .and_then(|p| p.as_u64())
         .map(|p| p.min(9) as u8)
         .unwrap_or(0);
     Ok(TaskMessage {
@@ -226,15 +254,15 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Poison> {
         args,
         kwargs,
         retries,
-        eta: opt_time(headers, "eta")?,
-        expires: opt_time(headers, "expires")?,
+        eta: opt_time(&headers, "eta")?,
+        expires: opt_time(&headers, "expires")?,
         priority,
-        root_id: opt_str(headers, "root_id")?,
-        parent_id: opt_str(headers, "parent_id")?,
-        group: opt_str(headers, "group")?,
+        root_id: opt_str(&headers, "root_id")?,
+        parent_id: opt_str(&headers, "parent_id")?,
+        group: opt_str(&headers, "group")?,
         time_limits,
-        ignore_result: headers.get("ignore_result").and_then(Value::as_bool).unwrap_or(false),
-        envelope,
+        ignore_result: field(&headers, "ignore_result").and_then(|v| v.as_bool()).unwrap_or(false),
+        raw: text.to_string(),
     })
 }
 
@@ -322,10 +350,15 @@ pub fn encode(
 }
 
 impl TaskMessage {
+    /// The whole envelope, parsed (for retries and inspection; the hot path never needs it).
+    pub fn envelope(&self) -> Value {
+        serde_json::from_str(&self.raw).unwrap_or(Value::Null)
+    }
+
     /// The envelope for the retry of this message: the same id, body and queue, `retries` + 1,
     /// the new `eta`, a fresh delivery tag; as Celery's `Task.retry` republishes.
     pub fn retry_envelope(&self, eta: DateTime<Utc>) -> String {
-        let mut env = self.envelope.clone();
+        let mut env = self.envelope();
         if let Some(h) = env.get_mut("headers").and_then(Value::as_object_mut) {
             h.insert("retries".into(), json!(self.retries.saturating_add(1)));
             h.insert("eta".into(), json!(format_time(eta)));
@@ -445,10 +478,10 @@ mod tests {
         let (id, env) = encode("demo.add", &json!([1, {"a": null}]), &json!({"y": 2}), "hi", &opts);
         let m = decode(env.as_bytes()).unwrap();
         assert_eq!((m.id.as_str(), m.task.as_str()), (id.as_str(), "demo.add"));
-        assert_eq!((m.args, m.kwargs), (json!([1, {"a": null}]), json!({"y": 2})));
+        assert_eq!((&m.args, &m.kwargs), (&json!([1, {"a": null}]), &json!({"y": 2})));
         assert_eq!((m.priority, m.eta), (5, Some(eta)));
-        assert_eq!(m.envelope["properties"]["delivery_info"]["routing_key"], "hi");
-        assert_eq!(m.envelope["headers"]["argsrepr"], "[1,{\"a\":None}]");
+        assert_eq!(m.envelope()["properties"]["delivery_info"]["routing_key"], "hi");
+        assert_eq!(m.envelope()["headers"]["argsrepr"], "[1,{\"a\":None}]");
     }
 
     #[test]
@@ -456,11 +489,11 @@ mod tests {
         let m = decode(CAPTURED.as_bytes()).unwrap();
         let eta = Utc::now();
         let again = decode(m.retry_envelope(eta).as_bytes()).unwrap();
-        assert_eq!((again.id, again.retries, again.args), (m.id, 1, m.args));
+        assert_eq!((&again.id, again.retries, &again.args), (&m.id, 1, &m.args));
         assert_eq!(again.eta.map(format_time), Some(format_time(eta)));
         assert_ne!(
-            again.envelope["properties"]["delivery_tag"],
-            m.envelope["properties"]["delivery_tag"]
+            again.envelope()["properties"]["delivery_tag"],
+            m.envelope()["properties"]["delivery_tag"]
         );
     }
 

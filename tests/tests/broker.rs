@@ -81,7 +81,7 @@ async fn an_expired_lease_returns_the_message_first_in_line_marked_redelivered<B
     let again = b.fetch(&queues(&["q"]), 10, "u.").await.unwrap();
     assert_eq!(ids(&again), ["first", "second"], "restored ahead of what waited");
     let m = protocol::decode(&again[0].payload).unwrap();
-    assert_eq!(m.envelope["headers"]["redelivered"], true);
+    assert_eq!(m.envelope()["headers"]["redelivered"], true);
 }
 
 async fn due_messages_move_once_and_future_ones_wait<B: Broker>(b: B) {

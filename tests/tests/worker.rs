@@ -376,7 +376,7 @@ async fn shutdown_hands_unfinished_tasks_back_to_their_queue() {
     let back = redis.client(0).lrange::<_, Vec<String>>("default", 0, -1).unwrap();
     let m = protocol::decode(back[0].as_bytes()).unwrap();
     assert_eq!(m.id, id);
-    assert_eq!(m.envelope["headers"]["redelivered"], true);
+    assert_eq!(m.envelope()["headers"]["redelivered"], true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
