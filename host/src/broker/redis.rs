@@ -247,13 +247,6 @@ impl RedisBroker {
         }
     }
 
-    /// Adds the commands that ack `tag` to `pipe`.
-    fn ack_into(&self, pipe: &mut redis::Pipeline, tag: &str) {
-        pipe.hdel(self.key("unacked"), tag).ignore();
-        pipe.zrem(self.key("unacked_index"), tag).ignore();
-        pipe.zrem(self.own("leases"), tag).ignore();
-    }
-
     async fn flagged(&self, set: &str, ids: &[&str]) -> redis::RedisResult<Vec<bool>> {
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -324,14 +317,19 @@ impl Broker for RedisBroker {
     }
 
     async fn settle(&self, batch: &[(String, Vec<FollowUp>)]) -> BrokerResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         pipe.atomic();
-        for (tag, follow_ups) in batch {
-            for f in follow_ups {
-                self.follow_up_into(&mut pipe, f);
-            }
-            self.ack_into(&mut pipe, tag);
+        for f in batch.iter().flat_map(|(_, follow_ups)| follow_ups) {
+            self.follow_up_into(&mut pipe, f);
         }
+        // One variadic command per key for the whole batch: Redis work per ack stays small.
+        let tags: Vec<&str> = batch.iter().map(|(t, _)| t.as_str()).collect();
+        pipe.hdel(self.key("unacked"), &tags).ignore();
+        pipe.zrem(self.key("unacked_index"), &tags).ignore();
+        pipe.zrem(self.own("leases"), &tags).ignore();
         Ok(pipe.query_async(&mut self.conn.clone()).await?)
     }
 
