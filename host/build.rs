@@ -30,6 +30,7 @@ fn main() {
         return;
     }
 
+    ensure_wasm_target();
     let build_dir = out.join("wasm-build");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -63,6 +64,24 @@ fn main() {
         let to_dir = out.join(dest);
         std::fs::create_dir_all(&to_dir).unwrap();
         copy_if_changed(&from, &to_dir.join(format!("{lib}.wasm")));
+    }
+}
+
+/// rustup installs the toolchain file's targets only when it installs the toolchain itself; on a
+/// machine that already had 1.95.0 the wasm target may be missing, so add it here rather than
+/// make every new user run a second command.
+fn ensure_wasm_target() {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let sysroot = Command::new(&rustc).args(["--print", "sysroot"]).output().ok();
+    let installed = sysroot
+        .map(|o| {
+            PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+                .join("lib/rustlib/wasm32-wasip2")
+                .is_dir()
+        })
+        .unwrap_or(false);
+    if !installed {
+        let _ = Command::new("rustup").args(["target", "add", "wasm32-wasip2"]).status();
     }
 }
 
