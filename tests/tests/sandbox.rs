@@ -3,7 +3,7 @@
 
 use celeriac::kv::KvStore;
 use celeriac::runtime::{Compiled, Grants, Limits, Outcome, Preopen, RunEnv, Signals};
-use celeriac_tests::{limits_ms, module, resident_bytes, run, runtime};
+use celeriac_tests::{limits_ms, module, run, runtime};
 use serde_json::json;
 use std::time::Duration;
 
@@ -502,31 +502,4 @@ async fn compiled_modules_are_reused_from_the_disk_cache() {
     )
     .await;
     assert_eq!(r.outcome, Outcome::Success { result: "\"cached\"".into() });
-}
-
-#[tokio::test]
-async fn thousands_of_runs_do_not_grow_host_memory() {
-    let rt = runtime(false);
-    let m = module(&rt, "diagnostics").await;
-    let limits = limits_ms(5_000);
-    let once = || {
-        run(
-            &rt,
-            &m,
-            "diagnostics.noop",
-            json!([{"payload": "x".repeat(1000)}]),
-            &limits,
-            Grants::default(),
-            RunEnv::default(),
-        )
-    };
-    for _ in 0..500 {
-        assert!(once().await.outcome.is_success());
-    }
-    let warm = resident_bytes();
-    for _ in 0..3_000 {
-        assert!(once().await.outcome.is_success());
-    }
-    let grown = resident_bytes().saturating_sub(warm);
-    assert!(grown < 8 << 20, "resident memory grew by {grown} bytes over 3000 runs");
 }
