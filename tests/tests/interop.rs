@@ -205,3 +205,61 @@ async fn celery_control_revoke_and_ping_reach_a_celeriac_worker() {
     assert!(started.elapsed() < Duration::from_secs(20), "the 30 s task was terminated");
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_worker_restores_what_a_dead_celeriac_worker_left_unacked() {
+    use celeriac::broker::{Broker, BrokerOptions, RedisBroker};
+    use celeriac::protocol::NewTask;
+    use redis::Commands;
+    let redis = RedisServer::start();
+    let broker = RedisBroker::connect(&redis.url(0), BrokerOptions::default()).await.unwrap();
+    let id = celeriac::client::enqueue(
+        &broker,
+        "diagnostics.noop",
+        &json!(["rescued"]),
+        &json!({}),
+        "default",
+        &NewTask::default(),
+    )
+    .await
+    .unwrap();
+    // A celeriac worker takes it and dies: the entry stays in kombu's unacked hash. Age it past
+    // kombu's visibility timeout (1 h) so a Python worker considers it abandoned.
+    let taken = broker.fetch(&["default".to_string()], 1, "dead.").await.unwrap();
+    assert_eq!(taken.len(), 1);
+    let mut c = redis.client(0);
+    let _: () =
+        c.zadd("unacked_index", &taken[0].tag, celeriac::broker::now_secs() - 4000.0).unwrap();
+    let mut worker = Command::new(repo_root().join("target/interop-venv/bin/celery"))
+        .args([
+            "-A",
+            "celery_client",
+            "worker",
+            "-Q",
+            "default",
+            "--pool=solo",
+            "-c",
+            "1",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel=warning",
+        ])
+        .current_dir(repo_root().join("tests/interop"))
+        .env("CELERY_BROKER_URL", redis.url(0))
+        .env("CELERY_RESULT_BACKEND", redis.url(1))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a Python Celery worker");
+    let results =
+        celeriac::results::ResultBackend::connect(&redis.url(1), "", Duration::from_secs(60))
+            .await
+            .unwrap();
+    let (state, meta) =
+        celeriac::client::wait(&results, &id, Duration::from_secs(60)).await.unwrap();
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert_eq!(state, "SUCCESS", "{meta:?}");
+    assert_eq!(meta.unwrap()["result"], "rescued");
+    assert_eq!(c.hlen::<_, u64>("unacked").unwrap(), 0);
+}
