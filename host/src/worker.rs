@@ -367,12 +367,25 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 kwargs: msg.kwargs.to_string(),
                 retries: msg.retries,
             };
-            let env = RunEnv { kv: Some(self.kv.clone()), progress: None, signals };
+            // Progress reports become the task's custom state, as Celery's update_state does.
+            let (progress, forwarder) = match entry.spec.grants.progress {
+                true => {
+                    let (tx, handle) = self.forward_progress();
+                    (Some(tx), Some(handle))
+                }
+                false => (None, None),
+            };
+            let env = RunEnv { kv: Some(self.kv.clone()), progress, signals };
             let report = self
                 .registry
                 .runtime()
                 .run(&entry.module, &invocation, &limits, entry.spec.grants.clone(), env)
                 .await;
+            // The run dropped its sender; let the last reports land before the final state, so a
+            // late PROGRESS cannot overwrite a FAILURE or RETRY.
+            if let Some(forwarder) = forwarder {
+                let _ = forwarder.await;
+            }
             info!(
                 queue = %d.queue,
                 retries = msg.retries,
@@ -493,6 +506,24 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             None => FollowUp::Publish { queue, priority, envelope },
         });
         id
+    }
+
+    /// A channel whose reports are stored as the reporting task's state (a custom state name
+    /// with its meta as the result, like Celery's `update_state`). It ends with the run.
+    fn forward_progress(
+        &self,
+    ) -> (mpsc::UnboundedSender<crate::runtime::Progress>, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<crate::runtime::Progress>();
+        let results = self.results.clone();
+        let handle = tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                let meta = protocol::result_meta(&p.task_id, &p.state, p.meta, None, &[]);
+                if let Err(e) = results.store(&[StoredResult { id: p.task_id, meta }]).await {
+                    warn!("could not store progress: {e}");
+                }
+            }
+        });
+        (tx, handle)
     }
 
     /// Puts the message, as received, into the scheduled set until `due_ms`.

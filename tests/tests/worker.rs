@@ -492,3 +492,24 @@ async fn global_key_prefix_applies_to_every_key() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_reports_show_up_as_the_task_state() {
+    let redis = RedisServer::start();
+    let w = start(&redis, config(|_| {}), 2, Duration::from_secs(30)).await;
+    let (b, r) = (broker(&redis, Duration::from_secs(30)).await, results(&redis).await);
+    let id = send(&b, "diagnostics.sleep", json!([800]), NewTask::default()).await;
+    let started = Instant::now();
+    let meta = loop {
+        let (state, meta) = client::status(&r, &id).await.unwrap();
+        if state == "PROGRESS" {
+            break meta.unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never saw PROGRESS, last {state}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(meta["result"]["total_ms"], 800);
+    assert!(meta["result"]["elapsed_ms"].as_u64().unwrap() >= 100);
+    assert_eq!(wait_state(&r, &id, 10).await.0, "SUCCESS");
+    w.stop().await;
+}

@@ -16,13 +16,21 @@ task! {
     }
 
     /// Sleeps for `ms` milliseconds (a task that waits), returning early when cancelled.
+    /// Reports a `PROGRESS` state with the elapsed time every 100 ms, when granted progress.
     #[task(name = "diagnostics.sleep", queue = "default")]
     pub fn sleep(cx: &Context, ms: u64) -> TaskResult<u64> {
         let start = Instant::now();
         let total = Duration::from_millis(ms);
+        let mut reported = 0;
         while start.elapsed() < total {
             if cx.cancelled() {
                 return Err(TaskError::fail("SoftTimeLimitExceeded", "cancelled while sleeping"));
+            }
+            let elapsed = start.elapsed().as_millis() as u64;
+            if elapsed / 100 > reported {
+                reported = elapsed / 100;
+                // Progress is optional: without the grant the task just sleeps.
+                let _ = cx.progress("PROGRESS", &celeriac_sdk::serde_json::json!({"elapsed_ms": elapsed, "total_ms": ms}));
             }
             std::thread::sleep((total - start.elapsed()).min(Duration::from_millis(10)));
         }
