@@ -418,16 +418,7 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
         signal.cancel();
     });
     w.clone().run(shutdown).await?;
-    let s = &w.stats;
-    use std::sync::atomic::Ordering::Relaxed;
-    eprintln!(
-        "stopped: {} succeeded, {} failed, {} retried, {} revoked, {} dead-lettered unread",
-        s.succeeded.load(Relaxed),
-        s.failed.load(Relaxed),
-        s.retried.load(Relaxed),
-        s.revoked.load(Relaxed),
-        s.poisoned.load(Relaxed)
-    );
+    eprintln!("stopped: {}", w.stats);
     Ok(0)
 }
 

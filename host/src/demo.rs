@@ -12,7 +12,6 @@ use crate::registry::Registry;
 use crate::worker::{Worker, WorkerOptions};
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -179,16 +178,8 @@ pub async fn run<B: Broker, R: ResultStore>(
 
     stop.cancel();
     handle.await??;
-    let stats = &worker.stats;
     println!();
-    println!(
-        "summary: {} runs succeeded, {} failed, {} retries, {} revoked; {:.2} s",
-        stats.succeeded.load(Relaxed),
-        stats.failed.load(Relaxed),
-        stats.retried.load(Relaxed),
-        stats.revoked.load(Relaxed),
-        started.elapsed().as_secs_f64()
-    );
+    println!("summary: {}; {:.2} s", worker.stats, started.elapsed().as_secs_f64());
     for queue in broker.dlq_queues().await? {
         for record in client::dlq_list(&broker, &queue, 10).await? {
             println!(

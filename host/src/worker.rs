@@ -76,6 +76,21 @@ pub struct Stats {
     pub revoked: AtomicU64,
 }
 
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        write!(
+            f,
+            "{} runs succeeded, {} failed, {} retries, {} revoked, {} dead-lettered unrun",
+            n(&self.succeeded),
+            n(&self.failed),
+            n(&self.retried),
+            n(&self.revoked),
+            n(&self.poisoned)
+        )
+    }
+}
+
 struct Running {
     id: String,
     signals: Signals,
@@ -600,25 +615,17 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     /// commands (children, retry, dead letter). If Redis is away, keeps trying: the leases keep
     /// the messages safe meanwhile, and giving up would run them twice.
     async fn settle(&self, batch: Vec<Settlement>) {
-        let results: Vec<StoredResult> =
-            batch.iter().flat_map(|s| s.results.iter().cloned()).collect();
-        let mut delay = Duration::from_millis(50);
-        while let Err(e) = self.results.store(&results).await {
-            warn!("storing results failed, retrying in {delay:?}: {e}");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
+        let mut results = Vec::new();
+        let mut acks = Vec::with_capacity(batch.len());
+        for s in batch {
+            results.extend(s.results);
+            acks.push((s.tag, s.then));
         }
-        let acks: Vec<(String, Vec<FollowUp>)> =
-            batch.iter().map(|s| (s.tag.clone(), s.then.clone())).collect();
-        let mut delay = Duration::from_millis(50);
-        while let Err(e) = self.broker.settle(&acks).await {
-            warn!("ack failed, retrying in {delay:?}: {e}");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
+        until_ok("storing results", || self.results.store(&results)).await;
+        until_ok("ack", || self.broker.settle(&acks)).await;
         let mut running = self.running();
-        for s in &batch {
-            running.remove(&s.tag);
+        for (tag, _) in &acks {
+            running.remove(tag);
         }
     }
 
@@ -727,6 +734,26 @@ pub fn fetch_order(queues: &[String], weights: &[u32]) -> Vec<String> {
         order.push(pool.remove(index).0.clone());
     }
     order
+}
+
+/// Retries `op` with backoff until it succeeds: used where giving up would lose a result or
+/// run a task twice, and a message's lease keeps it safe while Redis is away.
+async fn until_ok<T, F, Fut>(what: &str, mut op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::broker::BrokerResult<T>>,
+{
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Ok(v) => return v,
+            Err(e) => {
+                warn!("{what} failed, retrying in {delay:?}: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// Full jitter: uniform in [0, delay] so retries of many failed tasks spread out.

@@ -171,7 +171,10 @@ fn demo_runs_the_example_tasks_end_to_end_in_memory() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
     assert!(stdout.contains("celeriac demo on memory://"), "{stdout}");
-    assert!(stdout.contains("summary: 13 runs succeeded, 1 failed, 2 retries"), "{stdout}");
+    assert!(
+        stdout.contains("summary: 13 runs succeeded, 1 failed, 2 retries, 0 revoked"),
+        "{stdout}"
+    );
     assert!(stdout.contains("dead letter in default: diagnostics.fail"), "{stdout}");
     assert!(!stdout.contains("did not end as expected"), "{stdout}");
 }
@@ -188,7 +191,10 @@ fn demo_runs_against_redis_too() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
     assert!(stdout.contains(&format!("celeriac demo on {}", redis.url(0))), "{stdout}");
-    assert!(stdout.contains("summary: 13 runs succeeded, 1 failed, 2 retries"), "{stdout}");
+    assert!(
+        stdout.contains("summary: 13 runs succeeded, 1 failed, 2 retries, 0 revoked"),
+        "{stdout}"
+    );
     // The results are real Celery results in Redis.
     let mut c = redis.client(1);
     let keys: Vec<String> = redis::Commands::keys(&mut c, "celery-task-meta-*").unwrap();

@@ -104,9 +104,9 @@ async fn index_search_summarize_delete_and_expire_end_to_end() {
 }
 
 #[tokio::test]
-async fn batch_indexing_may_not_enqueue_other_tasks() {
-    // The configuration grants `indexing.index_session` only; the SDK surfaces a denial as a
-    // permanent PermissionError, and nothing is sent.
+async fn the_repository_config_grants_enqueue_only_where_needed() {
+    // Enqueue denial itself is proven in sandbox::enqueue_accepts_only_allowed_names...; here the
+    // shipped configuration gives batch indexing exactly `indexing.index_session` and no more.
     let reg = registry().await;
     let entry = reg.get("indexing.batch_index_channel").unwrap();
     assert_eq!(entry.spec.grants.enqueue, vec!["indexing.index_session".to_string()]);
