@@ -44,6 +44,31 @@ async fn python(redis: &RedisServer, args: Vec<String>) -> Value {
     .unwrap()
 }
 
+/// A real Python Celery worker on queue `default`, serving `diagnostics.noop`.
+fn python_worker(redis: &RedisServer) -> std::process::Child {
+    Command::new(repo_root().join("target/interop-venv/bin/celery"))
+        .args([
+            "-A",
+            "celery_client",
+            "worker",
+            "-Q",
+            "default",
+            "--pool=solo",
+            "-c",
+            "1",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel=warning",
+        ])
+        .current_dir(repo_root().join("tests/interop"))
+        .env("CELERY_BROKER_URL", redis.url(0))
+        .env("CELERY_RESULT_BACKEND", redis.url(1))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a Python Celery worker")
+}
+
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
@@ -139,27 +164,7 @@ async fn python_sees_started_and_retry_states_along_the_way() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_worker_runs_what_celeriac_enqueue_sent() {
     let redis = RedisServer::start();
-    let mut worker = Command::new(repo_root().join("target/interop-venv/bin/celery"))
-        .args([
-            "-A",
-            "celery_client",
-            "worker",
-            "-Q",
-            "default",
-            "--pool=solo",
-            "-c",
-            "1",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel=warning",
-        ])
-        .current_dir(repo_root().join("tests/interop"))
-        .env("CELERY_BROKER_URL", redis.url(0))
-        .env("CELERY_RESULT_BACKEND", redis.url(1))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start a Python Celery worker");
+    let mut worker = python_worker(&redis);
     let celeriac = |args: &[&str]| {
         Command::new(celeriac_binary())
             .args(args)
@@ -230,27 +235,7 @@ async fn a_python_worker_restores_what_a_dead_celeriac_worker_left_unacked() {
     let mut c = redis.client(0);
     let _: () =
         c.zadd("unacked_index", &taken[0].tag, celeriac::broker::now_secs() - 4000.0).unwrap();
-    let mut worker = Command::new(repo_root().join("target/interop-venv/bin/celery"))
-        .args([
-            "-A",
-            "celery_client",
-            "worker",
-            "-Q",
-            "default",
-            "--pool=solo",
-            "-c",
-            "1",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel=warning",
-        ])
-        .current_dir(repo_root().join("tests/interop"))
-        .env("CELERY_BROKER_URL", redis.url(0))
-        .env("CELERY_RESULT_BACKEND", redis.url(1))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start a Python Celery worker");
+    let mut worker = python_worker(&redis);
     let results =
         celeriac::results::ResultBackend::connect(&redis.url(1), "", Duration::from_secs(60))
             .await
