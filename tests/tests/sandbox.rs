@@ -503,3 +503,37 @@ async fn compiled_modules_are_reused_from_the_disk_cache() {
     .await;
     assert_eq!(r.outcome, Outcome::Success { result: "\"cached\"".into() });
 }
+
+#[tokio::test]
+async fn the_resource_table_cap_bounds_open_handles() {
+    let rt = runtime(false);
+    let m = module(&rt, "hostile").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), "x").unwrap();
+    let grants = Grants {
+        preopens: vec![Preopen { host: dir.path().into(), guest: "/d".into(), writable: false }],
+        ..Grants::default()
+    };
+    let open = |cap: usize| {
+        let (rt, m, grants) = (&rt, &m, grants.clone());
+        async move {
+            let limits = Limits { max_resources: cap, ..limits_ms(10_000) };
+            run(
+                rt,
+                m,
+                "hostile.open_many",
+                json!(["/d/f", 200]),
+                &limits,
+                grants,
+                RunEnv::default(),
+            )
+            .await
+        }
+    };
+    let generous = open(1_000).await;
+    assert_eq!(generous.outcome, Outcome::Success { result: "[200,null]".into() });
+    // Past the cap wasmtime-wasi refuses the new handle by stopping the guest.
+    let capped = open(50).await;
+    let Outcome::Trap { message, .. } = &capped.outcome else { panic!("got {:?}", capped.outcome) };
+    assert_eq!(message, "resource table has no free keys");
+}

@@ -508,9 +508,11 @@ fn classify_trap(e: wasmtime::Error, limits: &Limits, memory_hit: bool, output: 
         return Outcome::MemoryLimit { limit: limits.memory };
     }
     let backtrace = e.downcast_ref::<WasmBacktrace>().map(|bt| bt.to_string());
+    // The backtrace is reported on its own; the message is the cause (a host call the guest
+    // drove into an error, such as a full resource table, has no trap code).
     let mut message = match trap {
         Some(t) => t.to_string(),
-        None => format!("{e:#}"),
+        None => e.root_cause().to_string(),
     };
     // A Rust guest prints its panic message to stderr just before the trap: it is the most
     // useful line the user can get.
