@@ -8,7 +8,6 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use std::borrow::Cow;
-use std::collections::HashMap;
 
 /// Largest envelope the worker accepts; bigger ones are dead-lettered as oversized.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
@@ -62,10 +61,10 @@ pub struct TaskMessage {
     pub id: String,
     /// Task name.
     pub task: String,
-    /// Positional args (a JSON array).
-    pub args: Value,
-    /// Keyword args (a JSON object).
-    pub kwargs: Value,
+    /// Positional args: a JSON array, as text.
+    pub args: String,
+    /// Keyword args: a JSON object, as text.
+    pub kwargs: String,
     /// Retries so far.
     pub retries: u32,
     /// Not to run before this.
@@ -120,28 +119,24 @@ fn decode_kombu_types(v: Value) -> Value {
     }
 }
 
-/// A JSON object's members as raw slices of the envelope: only the few headers the worker
-/// needs are parsed, instead of building a tree of the whole envelope for every message.
-type RawMap<'a> = HashMap<Cow<'a, str>, &'a RawValue>;
+/// One header or property, kept raw until it is needed: only the few members the worker reads
+/// are parsed, and each on its own, so a bad one is named.
+type Raw<'a> = Option<&'a RawValue>;
 
-fn raw_map<'a>(raw: Option<&'a RawValue>) -> Option<RawMap<'a>> {
+fn field(raw: Raw<'_>) -> Option<Value> {
     raw.and_then(|r| serde_json::from_str(r.get()).ok())
 }
 
-fn field(map: &RawMap<'_>, key: &str) -> Option<Value> {
-    map.get(key).and_then(|r| serde_json::from_str(r.get()).ok())
-}
-
-fn opt_str(h: &RawMap<'_>, key: &'static str) -> Result<Option<String>, Poison> {
-    match field(h, key) {
+fn opt_str(raw: Raw<'_>, key: &'static str) -> Result<Option<String>, Poison> {
+    match field(raw) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(other) => Err(Poison::BadHeader(key, format!("expected a string, got {other}"))),
     }
 }
 
-fn opt_time(h: &RawMap<'_>, key: &'static str) -> Result<Option<DateTime<Utc>>, Poison> {
-    let value = match field(h, key) {
+fn opt_time(raw: Raw<'_>, key: &'static str) -> Result<Option<DateTime<Utc>>, Poison> {
+    let value = match field(raw) {
         Some(Value::Object(mut o)) if o.contains_key("__value__") => o.remove("__value__"),
         other => other,
     };
@@ -152,6 +147,84 @@ fn opt_time(h: &RawMap<'_>, key: &'static str) -> Result<Option<DateTime<Utc>>, 
             .ok_or_else(|| Poison::BadHeader(key, format!("not an ISO-8601 time: {s:?}"))),
         Some(other) => Err(Poison::BadHeader(key, format!("expected a time, got {other}"))),
     }
+}
+
+/// The protocol-v2 headers the worker reads; the others stay in the envelope untouched.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct RawHeaders<'a> {
+    #[serde(borrow)]
+    task: Raw<'a>,
+    #[serde(borrow)]
+    id: Raw<'a>,
+    #[serde(borrow)]
+    retries: Raw<'a>,
+    #[serde(borrow)]
+    timelimit: Raw<'a>,
+    #[serde(borrow)]
+    eta: Raw<'a>,
+    #[serde(borrow)]
+    expires: Raw<'a>,
+    #[serde(borrow)]
+    root_id: Raw<'a>,
+    #[serde(borrow)]
+    parent_id: Raw<'a>,
+    #[serde(borrow)]
+    group: Raw<'a>,
+    #[serde(borrow)]
+    ignore_result: Raw<'a>,
+}
+
+/// The message properties the worker reads.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct RawProperties<'a> {
+    #[serde(borrow)]
+    body_encoding: Raw<'a>,
+    #[serde(borrow)]
+    priority: Raw<'a>,
+}
+
+/// The body `[args, kwargs, embed]` as JSON texts. The common case (no kombu-typed values) is
+/// checked and cut without building a tree; a body with `__type__` tags is rewritten to plain
+/// values first.
+fn split_body(body: &[u8]) -> Result<(String, String), Poison> {
+    let bad = |e: serde_json::Error| Poison::BadBody(format!("not JSON: {e}"));
+    let shape = || Poison::BadBody("args must be a list and kwargs an object".into());
+    if memchr_str(body, b"__type__") {
+        let (args, kwargs) = match decode_kombu_types(serde_json::from_slice(body).map_err(bad)?) {
+            Value::Array(mut parts) if (2..=3).contains(&parts.len()) => {
+                let kwargs = parts.swap_remove(1);
+                (parts.swap_remove(0), kwargs)
+            }
+            other => {
+                return Err(Poison::BadBody(format!("expected a 3-element list, got {other}")));
+            }
+        };
+        if !args.is_array() || !kwargs.is_object() {
+            return Err(shape());
+        }
+        return Ok((args.to_string(), kwargs.to_string()));
+    }
+    let parts: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            Poison::BadBody(format!("expected a 3-element list: {e}"))
+        }
+        _ => bad(e),
+    })?;
+    match parts.as_slice() {
+        [args, kwargs, ..] if parts.len() <= 3 => {
+            if !args.get().starts_with('[') || !kwargs.get().starts_with('{') {
+                return Err(shape());
+            }
+            Ok((args.get().to_string(), kwargs.get().to_string()))
+        }
+        _ => Err(Poison::BadBody(format!("expected a 3-element list, got {} elements", parts.len()))),
+    }
+}
+
+fn memchr_str(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The envelope's top level, with everything below kept raw.
@@ -199,69 +272,62 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Poison> {
         Some(Ok(Value::String(other))) => return Err(Poison::ContentType(other)),
         Some(other) => return Err(Poison::ContentType(format!("{other:?}"))),
     }
-    let headers =
-        raw_map(env.headers).ok_or_else(|| Poison::UnknownProtocol("no headers".into()))?;
-    let task = match field(&headers, "task") {
+    let headers: RawHeaders<'_> = match env.headers {
+        None => return Err(Poison::UnknownProtocol("no headers".into())),
+        Some(h) => serde_json::from_str(h.get())
+            .map_err(|e| Poison::UnknownProtocol(format!("bad headers: {e}")))?,
+    };
+    let task = match field(headers.task) {
         Some(Value::String(t)) if !t.is_empty() => t,
         _ => return Err(Poison::UnknownProtocol("no headers.task".into())),
     };
-    let id = opt_str(&headers, "id")?
+    let id = opt_str(headers.id, "id")?
         .filter(|s| !s.is_empty())
         .ok_or(Poison::BadHeader("id", "missing".into()))?;
-    let properties = raw_map(env.properties).unwrap_or_default();
+    let properties: RawProperties<'_> =
+        env.properties.and_then(|p| serde_json::from_str(p.get()).ok()).unwrap_or_default();
     let body = match env.body.map(|b| serde_json::from_str::<Cow<'_, str>>(b.get())) {
         Some(Ok(body)) => body,
         _ => return Err(Poison::BadBody("no body".into())),
     };
-    let base64 = field(&properties, "body_encoding").is_some_and(|e| e == "base64");
+    let base64 = field(properties.body_encoding).is_some_and(|e| e == "base64");
     let body_bytes = if base64 {
-        base64::engine::general_purpose::STANDARD
-            .decode(body.trim())
-            .map_err(|e| Poison::BadBase64(e.to_string()))?
+        Cow::Owned(
+            base64::engine::general_purpose::STANDARD
+                .decode(body.trim())
+                .map_err(|e| Poison::BadBase64(e.to_string()))?,
+        )
     } else {
-        body.as_bytes().to_vec()
+        Cow::Borrowed(body.as_bytes())
     };
-    let body: Value = serde_json::from_slice(&body_bytes)
-        .map_err(|e| Poison::BadBody(format!("not JSON: {e}")))?;
-    let (args, kwargs) = match decode_kombu_types(body) {
-        Value::Array(mut parts) if (2..=3).contains(&parts.len()) => {
-            let kwargs = parts.swap_remove(1);
-            (parts.swap_remove(0), kwargs)
-        }
-        other => return Err(Poison::BadBody(format!("expected a 3-element list, got {other}"))),
-    };
-    if !args.is_array() || !kwargs.is_object() {
-        return Err(Poison::BadBody("args must be a list and kwargs an object".into()));
-    }
-    let retries = match field(&headers, "retries") {
+    let (args, kwargs) = split_body(&body_bytes)?;
+    let retries = match field(headers.retries) {
         None | Some(Value::Null) => 0,
         Some(v) => v
             .as_u64()
             .map(|r| r.min(u32::MAX as u64) as u32)
             .ok_or_else(|| Poison::BadHeader("retries", format!("expected a count, got {v}")))?,
     };
-    let time_limits = match field(&headers, "timelimit") {
+    let time_limits = match field(headers.timelimit) {
         Some(Value::Array(a)) if a.len() == 2 => (a[0].as_f64(), a[1].as_f64()),
         _ => (None, None),
     };
-    let priority = field(&properties, "priority")
-        .and_then(|p| p.as_u64())
-        .map(|p| p.min(9) as u8)
-        .unwrap_or(0);
+    let priority =
+        field(properties.priority).and_then(|p| p.as_u64()).map(|p| p.min(9) as u8).unwrap_or(0);
     Ok(TaskMessage {
         id,
         task,
         args,
         kwargs,
         retries,
-        eta: opt_time(&headers, "eta")?,
-        expires: opt_time(&headers, "expires")?,
+        eta: opt_time(headers.eta, "eta")?,
+        expires: opt_time(headers.expires, "expires")?,
         priority,
-        root_id: opt_str(&headers, "root_id")?,
-        parent_id: opt_str(&headers, "parent_id")?,
-        group: opt_str(&headers, "group")?,
+        root_id: opt_str(headers.root_id, "root_id")?,
+        parent_id: opt_str(headers.parent_id, "parent_id")?,
+        group: opt_str(headers.group, "group")?,
         time_limits,
-        ignore_result: field(&headers, "ignore_result").and_then(|v| v.as_bool()).unwrap_or(false),
+        ignore_result: field(headers.ignore_result).and_then(|v| v.as_bool()).unwrap_or(false),
         raw: text.to_string(),
     })
 }
@@ -434,16 +500,51 @@ pub fn result_meta(
     traceback: Option<&str>,
     children: &[String],
 ) -> String {
+    result_meta_json(id, status, &result.to_string(), traceback, children)
+}
+
+/// [`result_meta`] for a result that is already JSON text (a task's validated return value),
+/// written out directly: this runs once per task, so it builds no tree.
+pub fn result_meta_json(
+    id: &str,
+    status: &str,
+    result: &str,
+    traceback: Option<&str>,
+    children: &[String],
+) -> String {
     let ready = matches!(status, states::SUCCESS | states::FAILURE | states::REVOKED);
-    json!({
-        "status": status,
-        "result": result,
-        "traceback": traceback,
-        "children": children.iter().map(|c| json!([[c, null], null])).collect::<Vec<_>>(),
-        "date_done": if ready { Some(format_time(Utc::now())) } else { None },
-        "task_id": id,
-    })
-    .to_string()
+    let mut out = Vec::with_capacity(160 + result.len() + traceback.map_or(0, str::len));
+    let string = |out: &mut Vec<u8>, s: &str| {
+        serde_json::to_writer(out, s).expect("writing JSON into memory cannot fail")
+    };
+    out.extend_from_slice(br#"{"status":"#);
+    string(&mut out, status);
+    out.extend_from_slice(br#","result":"#);
+    out.extend_from_slice(result.as_bytes());
+    out.extend_from_slice(br#","traceback":"#);
+    match traceback {
+        Some(t) => string(&mut out, t),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(br#","children":["#);
+    for (i, child) in children.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        // A child as Celery serialises an AsyncResult: [[id, parent], None].
+        out.extend_from_slice(b"[[");
+        string(&mut out, child);
+        out.extend_from_slice(b",null],null]");
+    }
+    out.extend_from_slice(br#"],"date_done":"#);
+    match ready {
+        true => string(&mut out, &format_time(Utc::now())),
+        false => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(br#","task_id":"#);
+    string(&mut out, id);
+    out.push(b'}');
+    String::from_utf8(out).expect("built from UTF-8 pieces")
 }
 
 #[cfg(test)]
@@ -461,13 +562,17 @@ mod tests {
    "delivery_mode": 2, "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 0,
    "body_encoding": "base64", "delivery_tag": "c2a2ff87-f047-4605-8984-b5a119d7a265"}}"#;
 
+    fn json_of(text: &str) -> Value {
+        serde_json::from_str(text).unwrap()
+    }
+
     #[test]
     fn decodes_a_captured_celery_message() {
         let m = decode(CAPTURED.as_bytes()).unwrap();
         assert_eq!(m.task, "tasks.add");
         assert_eq!(m.id, "11111111-2222-3333-4444-555555555555");
-        assert_eq!(m.args, json!([2, 3]));
-        assert_eq!(m.kwargs, json!({}));
+        assert_eq!(json_of(&m.args), json!([2, 3]));
+        assert_eq!(json_of(&m.kwargs), json!({}));
         assert_eq!((m.retries, m.priority, m.eta), (0, 0, None));
     }
 
@@ -478,7 +583,7 @@ mod tests {
         let (id, env) = encode("demo.add", &json!([1, {"a": null}]), &json!({"y": 2}), "hi", &opts);
         let m = decode(env.as_bytes()).unwrap();
         assert_eq!((m.id.as_str(), m.task.as_str()), (id.as_str(), "demo.add"));
-        assert_eq!((&m.args, &m.kwargs), (&json!([1, {"a": null}]), &json!({"y": 2})));
+        assert_eq!((json_of(&m.args), json_of(&m.kwargs)), (json!([1, {"a": null}]), json!({"y": 2})));
         assert_eq!((m.priority, m.eta), (5, Some(eta)));
         assert_eq!(m.envelope()["properties"]["delivery_info"]["routing_key"], "hi");
         assert_eq!(m.envelope()["headers"]["argsrepr"], "[1,{\"a\":None}]");
@@ -502,7 +607,7 @@ mod tests {
         let body = json!([[{"__type__": "datetime", "__value__": "2024-01-01T00:00:00"}], {}, {}]);
         let env = json!({"headers": {"task": "t", "id": "1"}, "body": body.to_string(), "properties": {}});
         let m = decode(env.to_string().as_bytes()).unwrap();
-        assert_eq!(m.args, json!(["2024-01-01T00:00:00"]));
+        assert_eq!(json_of(&m.args), json!(["2024-01-01T00:00:00"]));
     }
 
     #[test]
@@ -545,5 +650,17 @@ mod tests {
             serde_json::from_str(&result_meta("id1", states::RETRY, Value::Null, None, &[]))
                 .unwrap();
         assert!(retry["date_done"].is_null());
+        let done: Value = serde_json::from_str(&result_meta_json(
+            "i\"d",
+            states::SUCCESS,
+            r#"{"a": [1, "\u00e9"]}"#,
+            None,
+            &["c1".into(), "c2".into()],
+        ))
+        .unwrap();
+        assert_eq!(done["result"], json!({"a": [1, "é"]}));
+        assert_eq!(done["task_id"], "i\"d");
+        assert_eq!(done["children"], json!([[["c1", null], null], [["c2", null], null]]));
+        assert!(done["traceback"].is_null());
     }
 }

@@ -74,6 +74,10 @@ pub struct Stats {
     pub poisoned: AtomicU64,
     /// Messages skipped as revoked or expired.
     pub revoked: AtomicU64,
+    /// Fetch round trips that returned messages.
+    pub fetches: AtomicU64,
+    /// Messages fetched.
+    pub fetched: AtomicU64,
 }
 
 impl std::fmt::Display for Stats {
@@ -81,12 +85,15 @@ impl std::fmt::Display for Stats {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
         write!(
             f,
-            "{} runs succeeded, {} failed, {} retries, {} revoked, {} dead-lettered unrun",
+            "{} runs succeeded, {} failed, {} retries, {} revoked, {} dead-lettered unrun \
+             ({} messages in {} fetches)",
             n(&self.succeeded),
             n(&self.failed),
             n(&self.retried),
             n(&self.revoked),
-            n(&self.poisoned)
+            n(&self.poisoned),
+            n(&self.fetched),
+            n(&self.fetches)
         )
     }
 }
@@ -228,6 +235,8 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 }
             }
             empty_polls = 0;
+            self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+            self.stats.fetched.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
             for d in deliveries {
                 let permit = slots.clone().acquire_owned().await?;
                 let signals = Signals::default();
@@ -378,29 +387,33 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             let invocation = Invocation {
                 id: msg.id.clone(),
                 task: msg.task.clone(),
-                args: msg.args.to_string(),
-                kwargs: msg.kwargs.to_string(),
+                args: msg.args.clone(),
+                kwargs: msg.kwargs.clone(),
                 retries: msg.retries,
             };
             // Progress reports become the task's custom state, as Celery's update_state does.
-            let (progress, forwarder) = match entry.spec.grants.progress {
+            // They are stored as they come, beside the run in this same task; the run drops
+            // its sender when it ends, so every report has landed before the final state and a
+            // late PROGRESS cannot overwrite a FAILURE or RETRY.
+            let (progress, reports) = match entry.spec.grants.progress {
                 true => {
-                    let (tx, handle) = self.forward_progress();
-                    (Some(tx), Some(handle))
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    (Some(tx), Some(rx))
                 }
                 false => (None, None),
             };
             let env = RunEnv { kv: Some(self.kv.clone()), progress, signals };
-            let report = self
-                .registry
-                .runtime()
-                .run(&entry.module, &invocation, &limits, entry.spec.grants.clone(), env)
-                .await;
-            // The run dropped its sender; let the last reports land before the final state, so a
-            // late PROGRESS cannot overwrite a FAILURE or RETRY.
-            if let Some(forwarder) = forwarder {
-                let _ = forwarder.await;
-            }
+            let run = self.registry.runtime().run(
+                &entry.module,
+                &invocation,
+                &limits,
+                entry.spec.grants.clone(),
+                env,
+            );
+            let report = match reports {
+                Some(reports) => tokio::join!(run, self.store_progress(reports)).0,
+                None => run.await,
+            };
             info!(
                 queue = %d.queue,
                 retries = msg.retries,
@@ -434,8 +447,10 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             let mut then = Vec::with_capacity(report.children.len());
             let children: Vec<String> =
                 report.children.iter().map(|c| self.publish_child(&mut then, msg, c)).collect();
-            let value: Value = serde_json::from_str(result).unwrap_or(Value::Null);
-            let stored = self.result(msg, states::SUCCESS, value, &children);
+            // The runtime validated the result as JSON: it goes into the meta as it is.
+            let meta =
+                protocol::result_meta_json(&msg.id, states::SUCCESS, result, None, &children);
+            let stored = StoredResult { id: msg.id.clone(), meta };
             return Disposition::Finish { results: vec![stored], then };
         }
         if outcome == &Outcome::Terminated {
@@ -523,22 +538,15 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         id
     }
 
-    /// A channel whose reports are stored as the reporting task's state (a custom state name
-    /// with its meta as the result, like Celery's `update_state`). It ends with the run.
-    fn forward_progress(
-        &self,
-    ) -> (mpsc::UnboundedSender<crate::runtime::Progress>, tokio::task::JoinHandle<()>) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<crate::runtime::Progress>();
-        let results = self.results.clone();
-        let handle = tokio::spawn(async move {
-            while let Some(p) = rx.recv().await {
-                let meta = protocol::result_meta(&p.task_id, &p.state, p.meta, None, &[]);
-                if let Err(e) = results.store(&[StoredResult { id: p.task_id, meta }]).await {
-                    warn!("could not store progress: {e}");
-                }
+    /// Stores each progress report as the reporting task's state (a custom state name with its
+    /// meta as the result, like Celery's `update_state`), until the run drops its sender.
+    async fn store_progress(&self, mut reports: mpsc::UnboundedReceiver<crate::runtime::Progress>) {
+        while let Some(p) = reports.recv().await {
+            let meta = protocol::result_meta(&p.task_id, &p.state, p.meta, None, &[]);
+            if let Err(e) = self.results.store(&[StoredResult { id: p.task_id, meta }]).await {
+                warn!("could not store progress: {e}");
             }
-        });
-        (tx, handle)
+        }
     }
 
     /// Puts the message, as received, into the scheduled set until `due_ms`.

@@ -3,6 +3,7 @@
 
 use celeriac::broker::{Broker, BrokerOptions, FollowUp, MemoryBroker, RedisBroker, now_ms};
 use celeriac::protocol::{self, NewTask};
+use redis::Commands;
 use serde_json::json;
 use std::time::Duration;
 
@@ -190,3 +191,43 @@ conformance!(
     the_token_bucket_allows_a_burst_then_paces,
     a_dead_letter_replays_once,
 );
+
+/// Leases live in kombu's `unacked_index`: an entry of ours that missed its renewals for a lease
+/// is restored, a Python worker's entry of the same age is left until kombu's visibility timeout
+/// (its task may still be running), and a renewal keeps ours in place.
+#[tokio::test]
+async fn only_our_entries_are_restored_before_the_visibility_timeout() {
+    let redis = celeriac_tests::RedisServer::start();
+    let opts = BrokerOptions {
+        lease: Duration::from_secs(10),
+        visibility_timeout: Duration::from_secs(100),
+        ..BrokerOptions::default()
+    };
+    let b = RedisBroker::connect(&redis.url(0), opts).await.unwrap();
+    b.send(&[message("ours", "q", 0), message("renewed", "q", 0)]).await.unwrap();
+    let got = b.fetch(&queues(&["q"]), 2, "w1.").await.unwrap();
+    assert!(got.iter().all(|d| d.tag.starts_with(celeriac::broker::OWN_TAG)));
+    // A Python worker's delivery, as kombu records it: its envelope under a UUID tag.
+    let (_, envelope) =
+        protocol::encode("py.task", &json!([]), &json!({}), "q", &NewTask::default());
+    let mut c = redis.client(0);
+    let entry = format!(r#"[{envelope},"","q"]"#);
+    let _: () = c.hset("unacked", "5d0b3e0c-python-tag", entry).unwrap();
+    // All three were delivered 50 s ago: past the lease, within the visibility timeout.
+    let old = celeriac::broker::now_secs() - 50.0;
+    for tag in [got[0].tag.as_str(), got[1].tag.as_str(), "5d0b3e0c-python-tag"] {
+        let _: () = c.zadd("unacked_index", tag, old).unwrap();
+    }
+    b.renew(&[got[1].tag.clone()]).await.unwrap();
+    assert_eq!(b.restore_expired().await.unwrap(), Some(1));
+    assert_eq!(ids(&b.fetch(&queues(&["q"]), 10, "w2.").await.unwrap()), ["ours"]);
+    assert!(c.hexists::<_, _, bool>("unacked", "5d0b3e0c-python-tag").unwrap());
+    assert!(c.hexists::<_, _, bool>("unacked", &got[1].tag).unwrap());
+    // Past the visibility timeout the Python worker's entry is restored too.
+    let _: () = c
+        .zadd("unacked_index", "5d0b3e0c-python-tag", celeriac::broker::now_secs() - 101.0)
+        .unwrap();
+    assert_eq!(b.restore_expired().await.unwrap(), Some(1));
+    let back = b.fetch(&queues(&["q"]), 10, "w3.").await.unwrap();
+    assert_eq!(protocol::decode(&back[0].payload).unwrap().task, "py.task");
+}

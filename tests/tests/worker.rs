@@ -113,7 +113,7 @@ async fn task_runs_and_its_result_is_stored_in_celery_format() {
     // Acked: nothing left unacked, nothing leased.
     let mut c = redis.client(0);
     assert_eq!(c.hlen::<_, u64>("unacked").unwrap(), 0);
-    assert_eq!(c.zcard::<_, u64>("celeriac:leases").unwrap(), 0);
+    assert_eq!(c.zcard::<_, u64>("unacked_index").unwrap(), 0);
     // The worker declared its queues as a Python worker does.
     assert!(
         c.sismember::<_, _, bool>("_kombu.binding.celery", "default\x06\x16\x06\x16default")
@@ -486,7 +486,6 @@ async fn global_key_prefix_applies_to_every_key() {
         [
             "app1:_kombu.binding.celery",
             "app1:_kombu.binding_permanent.celery",
-            "app1:celeriac:leases",
             "app1:unacked",
             "app1:unacked_index"
         ]

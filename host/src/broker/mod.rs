@@ -7,7 +7,7 @@ mod memory;
 mod redis;
 
 pub use self::memory::MemoryBroker;
-pub use self::redis::{RedisBroker, connect};
+pub use self::redis::{OWN_TAG, RedisBroker, connect};
 
 use crate::results::StoredResult;
 use std::future::Future;

@@ -6,9 +6,15 @@
 //! in the `unacked` hash (`tag -> [envelope, exchange, routing_key]`) with its delivery time in
 //! `unacked_index` until it is acked.
 //!
-//! celeriac's own keys, under `celeriac:`: `leases` (tag -> lease deadline of our in-flight
-//! messages, renewed while they run), `scheduled` (ETA messages, by due time), `dlq:<queue>`,
-//! `revoked` (task id -> expiry), `rate:<task>` (token buckets), `kv:<namespace>:<key>`.
+//! celeriac's own keys, under `celeriac:`: `scheduled` (ETA messages, by due time),
+//! `dlq:<queue>`, `revoked` (task id -> expiry), `terminate`, `rate:<task>` (token buckets),
+//! `kv:<namespace>:<key>`.
+//!
+//! Leases live in kombu's own `unacked_index`: our delivery tags start with [`OWN_TAG`], and a
+//! running task's entry is re-scored to the current time every renewal. So any celeriac worker
+//! can tell an abandoned message of ours (not renewed for a lease) from a Python worker's
+//! (never renewed, restored only after kombu's visibility timeout), a Python worker's own
+//! sweep never takes a live task of ours, and a delivery costs Redis no keys beyond kombu's.
 //!
 //! Every step that moves a message is one Lua script or one MULTI, so a crash at any point
 //! leaves each message in exactly one place.
@@ -22,42 +28,62 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use std::time::Duration;
 
-/// Pops up to ARGV[1] messages from KEYS[4..] in order and records each in `unacked`,
-/// `unacked_index` and our `leases` in the same step. kombu stores `[envelope, exchange,
-/// routing_key]`; the envelope is spliced in as text so Redis does not parse it.
+/// Pops up to ARGV[1] messages from KEYS[3..] in order and records each in `unacked` and
+/// `unacked_index` in the same step. kombu stores `[envelope, exchange, routing_key]`; the
+/// envelope is spliced in as text so Redis does not parse it. Tags are ARGV[3] followed by a
+/// counter; the recording is one variadic HSET and one ZADD per chunk of messages.
+/// KEYS: unacked, unacked_index, lists. ARGV: max, now, tag prefix, the queue name (JSON) of
+/// each list.
 const FETCH: &str = r#"
 local max = tonumber(ARGV[1])
 local out = {}
+local fields = {}
+local scores = {}
 local n = 0
-for i = 4, #KEYS do
+local function record()
+  if #fields > 0 then
+    redis.call('HSET', KEYS[1], unpack(fields))
+    redis.call('ZADD', KEYS[2], unpack(scores))
+    fields = {}
+    scores = {}
+  end
+end
+for i = 3, #KEYS do
   if n >= max then break end
   local got = redis.call('RPOP', KEYS[i], max - n)
   if got then
-    local queue_json = ARGV[4 + (i - 3)]
+    local queue_json = ARGV[3 + (i - 2)]
     for _, m in ipairs(got) do
       n = n + 1
-      local tag = ARGV[4] .. n
-      redis.call('HSET', KEYS[1], tag, '[' .. m .. ',"",' .. queue_json .. ']')
-      redis.call('ZADD', KEYS[2], ARGV[2], tag)
-      redis.call('ZADD', KEYS[3], ARGV[3], tag)
+      local tag = ARGV[3] .. n
+      table.insert(fields, tag)
+      table.insert(fields, '[' .. m .. ',"",' .. queue_json .. ']')
+      table.insert(scores, ARGV[2])
+      table.insert(scores, tag)
       table.insert(out, tag)
-      table.insert(out, i - 3)
+      table.insert(out, i - 2)
       table.insert(out, m)
+      if #fields >= 1000 then record() end
     end
   end
 end
+record()
 return out
 "#;
 
-/// Restores messages whose lease ran out (ours) or that stayed unacked past the visibility
-/// timeout (anyone's, as kombu does), under kombu's `unacked_mutex`. Each goes back with RPUSH
-/// (served next) to its priority list, marked redelivered.
-/// KEYS: unacked, unacked_index, leases, unacked_mutex.
-/// ARGV: now, lease cutoff (now), visibility cutoff, mutex token, global prefix, limit.
+/// Restores, under kombu's `unacked_mutex`, entries of `unacked_index` (scored by delivery or
+/// last renewal time) that are ours (tag prefix `celeriac.`) and missed their lease renewals, or
+/// anyone's that stayed unacked past the visibility timeout, as kombu does. Each goes back with
+/// RPUSH (served next) to its priority list, marked redelivered.
+/// KEYS: unacked, unacked_index, unacked_mutex.
+/// ARGV: lease cutoff, visibility cutoff, mutex token, global prefix, limit, own tag prefix.
 const RESTORE: &str = r#"
-if not redis.call('SET', KEYS[4], ARGV[4], 'NX', 'PX', 300000) then return -1 end
-local prefix = ARGV[5]
-local limit = tonumber(ARGV[6])
+if not redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', 300000) then return -1 end
+local lease_cutoff = tonumber(ARGV[1])
+local visibility_cutoff = tonumber(ARGV[2])
+local prefix = ARGV[4]
+local limit = tonumber(ARGV[5])
+local own = ARGV[6]
 local function step_of(p)
   p = tonumber(p) or 0
   if p >= 9 then return 9 elseif p >= 6 then return 6 elseif p >= 3 then return 3 end
@@ -97,15 +123,15 @@ local function restore(tag)
   end
   redis.call('HDEL', KEYS[1], tag)
   redis.call('ZREM', KEYS[2], tag)
-  redis.call('ZREM', KEYS[3], tag)
 end
-for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[2], 'LIMIT', 0, limit)) do
-  restore(tag)
+local upto = math.max(lease_cutoff, visibility_cutoff)
+local found = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', upto, 'WITHSCORES', 'LIMIT', 0, limit)
+for i = 1, #found, 2 do
+  local tag, score = found[i], tonumber(found[i + 1])
+  local ours = string.sub(tag, 1, #own) == own
+  if score <= visibility_cutoff or (ours and score <= lease_cutoff) then restore(tag) end
 end
-for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, limit)) do
-  restore(tag)
-end
-if redis.call('GET', KEYS[4]) == ARGV[4] then redis.call('DEL', KEYS[4]) end
+if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
 return restored
 "#;
 
@@ -153,6 +179,12 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) > 0 then
 end
 return 0
 "#;
+
+/// How every delivery tag of a celeriac worker starts (kombu's are UUIDs).
+pub const OWN_TAG: &str = "celeriac.";
+
+/// Most `unacked_index` entries one restore pass looks at.
+const RESTORE_LIMIT: usize = 10_000;
 
 /// The Redis side of the broker.
 #[derive(Clone)]
@@ -260,6 +292,19 @@ impl RedisBroker {
         Ok(scores.into_iter().map(|s| s.is_some_and(|e| e > now)).collect())
     }
 
+    /// Sets the `unacked_index` time of the tags still there.
+    async fn rescore(&self, tags: &[String], time: f64) -> BrokerResult<()> {
+        if tags.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(self.key("unacked_index")).arg("XX");
+        for t in tags {
+            cmd.arg(time).arg(t);
+        }
+        Ok(cmd.query_async(&mut self.conn.clone()).await?)
+    }
+
     /// The lists of `queues` in fetch order: each queue's priority steps before the next queue
     /// (strict queue order).
     fn fetch_keys(&self, queues: &[String]) -> (Vec<String>, Vec<String>) {
@@ -295,11 +340,11 @@ impl Broker for RedisBroker {
         let (lists, queue_of) = self.fetch_keys(queues);
         let now = now_secs();
         let mut inv = self.fetch.prepare_invoke();
-        inv.key(self.key("unacked")).key(self.key("unacked_index")).key(self.own("leases"));
+        inv.key(self.key("unacked")).key(self.key("unacked_index"));
         for k in &lists {
             inv.key(k);
         }
-        inv.arg(max).arg(now).arg(now + self.opts.lease.as_secs_f64()).arg(tag_prefix);
+        inv.arg(max).arg(now).arg(format!("{OWN_TAG}{tag_prefix}"));
         for q in &queue_of {
             inv.arg(serde_json::Value::String(q.clone()).to_string());
         }
@@ -329,7 +374,6 @@ impl Broker for RedisBroker {
         let tags: Vec<&str> = batch.iter().map(|(t, _)| t.as_str()).collect();
         pipe.hdel(self.key("unacked"), &tags).ignore();
         pipe.zrem(self.key("unacked_index"), &tags).ignore();
-        pipe.zrem(self.own("leases"), &tags).ignore();
         Ok(pipe.query_async(&mut self.conn.clone()).await?)
     }
 
@@ -342,28 +386,14 @@ impl Broker for RedisBroker {
     }
 
     async fn renew(&self, tags: &[String]) -> BrokerResult<()> {
-        if tags.is_empty() {
-            return Ok(());
-        }
-        let now = now_secs();
-        let deadline = now + self.opts.lease.as_secs_f64();
-        let mut pipe = redis::pipe();
-        for t in tags {
-            // XX: only tags still present; an acked message is not resurrected. The
-            // unacked_index time moves too, so kombu's own visibility-timeout sweep leaves a
-            // long task alone.
-            pipe.cmd("ZADD").arg(self.key("unacked_index")).arg("XX").arg(now).arg(t).ignore();
-            pipe.cmd("ZADD").arg(self.own("leases")).arg("XX").arg(deadline).arg(t).ignore();
-        }
-        Ok(pipe.query_async(&mut self.conn.clone()).await?)
+        // XX: only tags still present, so an acked message is not resurrected. The new time
+        // keeps a lease of ours alive and kombu's visibility-timeout sweep away from it.
+        self.rescore(tags, now_secs()).await
     }
 
     async fn expire_leases(&self, tags: &[String]) -> BrokerResult<()> {
-        let mut pipe = redis::pipe();
-        for t in tags {
-            pipe.cmd("ZADD").arg(self.own("leases")).arg("XX").arg(0).arg(t).ignore();
-        }
-        Ok(pipe.query_async(&mut self.conn.clone()).await?)
+        // Time zero: past every lease and visibility timeout.
+        self.rescore(tags, 0.0).await
     }
 
     async fn restore_expired(&self) -> BrokerResult<Option<u64>> {
@@ -372,14 +402,13 @@ impl Broker for RedisBroker {
             .restore
             .key(self.key("unacked"))
             .key(self.key("unacked_index"))
-            .key(self.own("leases"))
             .key(self.key("unacked_mutex"))
-            .arg(now)
-            .arg(now)
+            .arg(now - self.opts.lease.as_secs_f64())
             .arg(now - self.opts.visibility_timeout.as_secs_f64())
             .arg(uuid::Uuid::new_v4().to_string())
             .arg(&self.opts.global_prefix)
-            .arg(1000)
+            .arg(RESTORE_LIMIT)
+            .arg(OWN_TAG)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok((n >= 0).then_some(n as u64))
