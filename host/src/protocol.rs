@@ -219,7 +219,9 @@ fn split_body(body: &[u8]) -> Result<(String, String), Poison> {
             }
             Ok((args.get().to_string(), kwargs.get().to_string()))
         }
-        _ => Err(Poison::BadBody(format!("expected a 3-element list, got {} elements", parts.len()))),
+        _ => {
+            Err(Poison::BadBody(format!("expected a 3-element list, got {} elements", parts.len())))
+        }
     }
 }
 
@@ -583,7 +585,10 @@ mod tests {
         let (id, env) = encode("demo.add", &json!([1, {"a": null}]), &json!({"y": 2}), "hi", &opts);
         let m = decode(env.as_bytes()).unwrap();
         assert_eq!((m.id.as_str(), m.task.as_str()), (id.as_str(), "demo.add"));
-        assert_eq!((json_of(&m.args), json_of(&m.kwargs)), (json!([1, {"a": null}]), json!({"y": 2})));
+        assert_eq!(
+            (json_of(&m.args), json_of(&m.kwargs)),
+            (json!([1, {"a": null}]), json!({"y": 2}))
+        );
         assert_eq!((m.priority, m.eta), (5, Some(eta)));
         assert_eq!(m.envelope()["properties"]["delivery_info"]["routing_key"], "hi");
         assert_eq!(m.envelope()["headers"]["argsrepr"], "[1,{\"a\":None}]");

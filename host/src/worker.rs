@@ -103,10 +103,10 @@ struct Running {
     signals: Signals,
 }
 
-/// A handled message waiting to be settled: results to store, then commands to run atomically
-/// with its ack.
+/// Results to store and, for a handled message, the commands to run atomically with its ack
+/// (no tag: results only, such as STARTED).
 struct Settlement {
-    tag: String,
+    tag: Option<String>,
     results: Vec<StoredResult>,
     then: Vec<FollowUp>,
 }
@@ -286,15 +286,19 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         match disposition {
             Disposition::Requeue => {}
             Disposition::Finish { results, then } => {
-                let settlement = Settlement { tag: d.tag.clone(), results, then };
-                let tx = self.settle_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                match tx {
-                    Some(tx) => {
-                        let _ = tx.send(settlement);
-                    }
-                    None => self.settle(vec![settlement]).await,
-                }
+                self.to_settler(Settlement { tag: Some(d.tag.clone()), results, then }).await
             }
+        }
+    }
+
+    /// Hands a settlement to the batching settler (or settles it here once the settler is gone).
+    async fn to_settler(&self, settlement: Settlement) {
+        let tx = self.settle_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match tx {
+            Some(tx) => {
+                let _ = tx.send(settlement);
+            }
+            None => self.settle(vec![settlement]).await,
         }
     }
 
@@ -365,15 +369,17 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 }
             }
 
-            // Run it.
-            let started = self.result(
-                &msg,
-                states::STARTED,
-                json!({"pid": std::process::id(), "hostname": self.opts.hostname}),
-                &[],
-            );
-            if let Err(e) = self.results.store(&[started]).await {
-                warn!("could not store STARTED: {e}");
+            // Run it. STARTED goes through the settler like every result, so it is stored in
+            // order before the final state and costs no round trip of its own.
+            if self.opts.track_started {
+                let started = self.result(
+                    &msg,
+                    states::STARTED,
+                    json!({"pid": std::process::id(), "hostname": self.opts.hostname}),
+                    &[],
+                );
+                self.to_settler(Settlement { tag: None, results: vec![started], then: vec![] })
+                    .await;
             }
             let mut limits = entry.spec.limits.clone();
             // A producer's per-call `time_limit` / `soft_time_limit` win, as in Celery.
@@ -392,8 +398,8 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 retries: msg.retries,
             };
             // Progress reports become the task's custom state, as Celery's update_state does.
-            // They are stored as they come, beside the run in this same task; the run drops
-            // its sender when it ends, so every report has landed before the final state and a
+            // They are forwarded as they come, beside the run in this same task; the run drops
+            // its sender when it ends, so every report is queued before the final state and a
             // late PROGRESS cannot overwrite a FAILURE or RETRY.
             let (progress, reports) = match entry.spec.grants.progress {
                 true => {
@@ -539,13 +545,14 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     }
 
     /// Stores each progress report as the reporting task's state (a custom state name with its
-    /// meta as the result, like Celery's `update_state`), until the run drops its sender.
+    /// meta as the result, like Celery's `update_state`), until the run drops its sender. The
+    /// reports go through the settler, in order with STARTED before them and the final state
+    /// after them.
     async fn store_progress(&self, mut reports: mpsc::UnboundedReceiver<crate::runtime::Progress>) {
         while let Some(p) = reports.recv().await {
             let meta = protocol::result_meta(&p.task_id, &p.state, p.meta, None, &[]);
-            if let Err(e) = self.results.store(&[StoredResult { id: p.task_id, meta }]).await {
-                warn!("could not store progress: {e}");
-            }
+            let results = vec![StoredResult { id: p.task_id, meta }];
+            self.to_settler(Settlement { tag: None, results, then: vec![] }).await;
         }
     }
 
@@ -627,7 +634,9 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         let mut acks = Vec::with_capacity(batch.len());
         for s in batch {
             results.extend(s.results);
-            acks.push((s.tag, s.then));
+            if let Some(tag) = s.tag {
+                acks.push((tag, s.then));
+            }
         }
         until_ok("storing results", || self.results.store(&results)).await;
         until_ok("ack", || self.broker.settle(&acks)).await;

@@ -71,6 +71,16 @@ pub(crate) async fn start(
     concurrency: usize,
     lease: Duration,
 ) -> TestWorker {
+    start_tracking(redis, config, concurrency, lease, true).await
+}
+
+async fn start_tracking(
+    redis: &RedisServer,
+    config: Config,
+    concurrency: usize,
+    lease: Duration,
+    track_started: bool,
+) -> TestWorker {
     let registry = Arc::new(Registry::load(&config, concurrency as u32).await.unwrap());
     let broker = broker(redis, lease).await;
     let kv = KvStore::redis(broker.conn(), "");
@@ -80,7 +90,7 @@ pub(crate) async fn start(
         hostname: "celeriac@test".into(),
         grace: Duration::from_secs(5),
         revoke_ttl: Duration::from_secs(600),
-        track_started: true,
+        track_started,
         weights: Vec::new(),
     };
     let worker = Worker::new(registry, broker, results(redis).await, kv, opts);
@@ -511,4 +521,39 @@ async fn progress_reports_show_up_as_the_task_state() {
     assert!(meta["result"]["elapsed_ms"].as_u64().unwrap() >= 100);
     assert_eq!(wait_state(&r, &id, 10).await.0, "SUCCESS");
     w.stop().await;
+}
+
+/// The states a task's result channel announced, in order, until a ready state.
+async fn announced_states(redis: &RedisServer, track_started: bool) -> Vec<String> {
+    use futures_util::StreamExt as _;
+    let mut pubsub = redis::Client::open(redis.url(1)).unwrap().get_async_pubsub().await.unwrap();
+    pubsub.psubscribe("celery-task-meta-*").await.unwrap();
+    let w = start_tracking(redis, config(|_| {}), 2, Duration::from_secs(30), track_started).await;
+    let b = broker(redis, Duration::from_secs(30)).await;
+    send(&b, "diagnostics.sleep", json!([200]), NewTask::default()).await;
+    let mut states = Vec::new();
+    let mut messages = pubsub.on_message();
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(20), messages.next()).await {
+        let meta: Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+        let state = meta["status"].as_str().unwrap().to_string();
+        let done = state == "SUCCESS";
+        states.push(state);
+        if done {
+            break;
+        }
+    }
+    drop(messages);
+    w.stop().await;
+    states
+}
+
+#[tokio::test]
+async fn started_is_stored_only_when_tracked() {
+    let redis = RedisServer::start();
+    let tracked = announced_states(&redis, true).await;
+    assert_eq!(tracked.first().map(String::as_str), Some("STARTED"), "{tracked:?}");
+    assert_eq!(tracked.last().map(String::as_str), Some("SUCCESS"), "{tracked:?}");
+    let untracked = announced_states(&redis, false).await;
+    assert!(!untracked.iter().any(|s| s == "STARTED"), "{untracked:?}");
+    assert_eq!(untracked.last().map(String::as_str), Some("SUCCESS"), "{untracked:?}");
 }
