@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 /// Longest the fetch loop sleeps when the queues are empty. After work it polls every
@@ -33,6 +34,9 @@ const MAX_IDLE_POLL: Duration = Duration::from_millis(32);
 const FAST_IDLE_POLL: Duration = Duration::from_micros(250);
 /// Empty polls at the fast pace before backing off (about a tenth of a second).
 const FAST_IDLE_POLLS: u32 = 300;
+/// Fetch loops per worker: while one waits for its reply, another can fill the slots freed
+/// meanwhile.
+const FETCHERS: usize = 2;
 /// How often leases are renewed, due ETA messages moved and revocations of running tasks checked.
 const MAINTENANCE_TICK: Duration = Duration::from_millis(250);
 /// Longest the mirrored revoked set goes without a full copy from Redis.
@@ -186,29 +190,85 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             tokio::spawn(async move { broker.serve_control(hostname, ttl).await })
         };
         let slots = Arc::new(Semaphore::new(self.opts.concurrency));
-        let mut tasks = tokio::task::JoinSet::new();
+        let tasks = TaskTracker::new();
+        let fetchers: Vec<_> = (0..FETCHERS.min(self.opts.concurrency))
+            .map(|_| {
+                tokio::spawn(self.clone().fetch_loop(
+                    slots.clone(),
+                    tasks.clone(),
+                    shutdown.clone(),
+                ))
+            })
+            .collect();
+        for f in fetchers {
+            if let Err(e) = f.await {
+                warn!("a fetch loop ended abnormally: {e}");
+            }
+        }
+        tasks.close();
+        info!(
+            "shutting down: waiting up to {:?} for {} running tasks",
+            self.opts.grace,
+            tasks.len()
+        );
+        if tokio::time::timeout(self.opts.grace, tasks.wait()).await.is_err() {
+            for r in self.running().values() {
+                r.signals.terminate();
+            }
+            tasks.wait().await;
+        }
+        // Every handled message is settled before the worker stops.
+        self.settle_tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let _ = settler.await;
+        stop_maintenance.cancel();
+        control.abort();
+        let _ = maintenance.await;
+        // Whatever is still unacked (stopped at shutdown) goes back to its queue now rather than
+        // after its lease: its tags are ours and nobody runs them any more.
+        let leftovers: Vec<String> = self.running().keys().cloned().collect();
+        if !leftovers.is_empty() {
+            self.requeue_now(&leftovers).await;
+        }
+        Ok(())
+    }
+
+    /// Takes messages for free slots and starts a task for each, until shutdown. Several of
+    /// these run side by side, so a fetch is on its way while another one's reply is being
+    /// handed out: slots freed during a round trip do not wait for it to end. Each fetch asks
+    /// only for the slots it holds: no prefetching that hoards messages.
+    async fn fetch_loop(
+        self: Arc<Self>,
+        slots: Arc<Semaphore>,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) {
         let mut empty_polls: u32 = 0;
         let mut redis_down = Duration::ZERO;
         while !shutdown.is_cancelled() {
-            while tasks.try_join_next().is_some() {}
-            let free = slots.available_permits();
-            if free == 0 {
-                // Fetch only when a slot is free: no prefetching that hoards messages.
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    permit = slots.clone().acquire_owned() => drop(permit),
-                }
-                continue;
+            let mut permits = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break, // closed: the worker is going away
+                },
+            };
+            // Every other free slot too: one round trip fills them all.
+            let more = slots.available_permits() as u32;
+            if more > 0
+                && let Ok(extra) = slots.clone().try_acquire_many_owned(more)
+            {
+                permits.merge(extra);
             }
             let n = self.fetches.fetch_add(1, Ordering::Relaxed);
             let prefix = format!("{}.{n}.", self.id);
             let order = fetch_order(&self.opts.queues, &self.opts.weights);
-            let deliveries = match self.broker.fetch(&order, free, &prefix).await {
+            let deliveries = match self.broker.fetch(&order, permits.num_permits(), &prefix).await {
                 Ok(d) => {
                     redis_down = Duration::ZERO;
                     d
                 }
                 Err(e) => {
+                    drop(permits);
                     redis_down =
                         (redis_down * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
                     warn!("fetch failed, retrying in {redis_down:?}: {e}");
@@ -219,6 +279,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 }
             };
             if deliveries.is_empty() {
+                drop(permits);
                 empty_polls = empty_polls.saturating_add(1);
                 if empty_polls <= FAST_IDLE_POLLS {
                     // tokio's timer rounds sleeps up to whole milliseconds (1.5 ms on average
@@ -238,7 +299,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             self.stats.fetches.fetch_add(1, Ordering::Relaxed);
             self.stats.fetched.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
             for d in deliveries {
-                let permit = slots.clone().acquire_owned().await?;
+                let Some(permit) = permits.split(1) else { break };
                 let signals = Signals::default();
                 self.running()
                     .insert(d.tag.clone(), Running { id: String::new(), signals: signals.clone() });
@@ -250,34 +311,6 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 });
             }
         }
-        info!(
-            "shutting down: waiting up to {:?} for {} running tasks",
-            self.opts.grace,
-            tasks.len()
-        );
-        let drained = tokio::time::timeout(self.opts.grace, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            for r in self.running().values() {
-                r.signals.terminate();
-            }
-            while tasks.join_next().await.is_some() {}
-        }
-        // Every handled message is settled before the worker stops.
-        self.settle_tx.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let _ = settler.await;
-        stop_maintenance.cancel();
-        control.abort();
-        let _ = maintenance.await;
-        // Whatever is still unacked (stopped at shutdown) goes back to its queue now rather than
-        // after its lease: its tags are ours and nobody runs them any more.
-        let leftovers: Vec<String> = self.running().keys().cloned().collect();
-        if !leftovers.is_empty() {
-            self.requeue_now(&leftovers).await;
-        }
-        Ok(())
     }
 
     /// Handles one delivery and settles it with the broker.
