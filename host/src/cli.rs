@@ -35,7 +35,8 @@ pub struct Cli {
     /// Result backend URL [env: CELERY_RESULT_BACKEND; default: the broker].
     #[arg(long, global = true)]
     pub result_backend: Option<String>,
-    /// kombu's global key prefix, put before every Redis key.
+    /// kombu's global key prefix, put before every Redis key (result keys get a `_` after it
+    /// unless it ends in one of `:_-.`, as Celery's result backend does).
     #[arg(long, global = true, default_value = "")]
     pub global_prefix: String,
     /// The command.

@@ -20,6 +20,16 @@ end
 return 0
 "#;
 
+/// Celery's result backend puts its `global_keyprefix` before every key with a `_` in between,
+/// unless the prefix already ends in one of `:_-.`.
+pub fn key_prefix(prefix: &str) -> String {
+    match prefix.chars().last() {
+        None => String::new(),
+        Some(':' | '_' | '-' | '.') => prefix.to_string(),
+        Some(_) => format!("{prefix}_"),
+    }
+}
+
 /// The result backend.
 #[derive(Clone)]
 pub struct ResultBackend {
@@ -45,11 +55,13 @@ pub struct StoredResult {
 }
 
 impl ResultBackend {
-    /// Connects to `url`; `expires` is Celery's `result_expires` (0 keeps results forever).
+    /// Connects to `url`; `expires` is Celery's `result_expires` (0 keeps results forever);
+    /// `prefix` is the global key prefix, applied as Celery's result backend does (see
+    /// [`key_prefix`]).
     pub async fn connect(url: &str, prefix: &str, expires: Duration) -> anyhow::Result<Self> {
         Ok(ResultBackend {
             conn: crate::broker::connect(url).await?,
-            prefix: prefix.to_string(),
+            prefix: key_prefix(prefix),
             expires,
             store_script: redis::Script::new(STORE),
         })
@@ -79,5 +91,17 @@ impl crate::broker::ResultStore for ResultBackend {
     /// Reads a result: the meta JSON, or `None` while PENDING.
     async fn get(&self, id: &str) -> crate::broker::BrokerResult<Option<String>> {
         Ok(self.conn.clone().get(self.key(id)).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_prefix_gets_a_separator_as_in_celery() {
+        assert_eq!(super::key_prefix(""), "");
+        assert_eq!(super::key_prefix("app1"), "app1_");
+        for done in ["app1:", "app1_", "app1-", "app1."] {
+            assert_eq!(super::key_prefix(done), done);
+        }
     }
 }

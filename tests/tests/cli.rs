@@ -1,7 +1,10 @@
 //! The `celeriac` binary as a user runs it from the repository root, README commands included.
 
+use celeriac::broker::Broker as _;
 use celeriac_tests::{celeriac_binary as binary, repo_root};
+use serde_json::json;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 fn celeriac(args: &[&str]) -> Output {
     Command::new(binary())
@@ -215,4 +218,51 @@ fn queue_weights_must_be_given_for_all_queues_or_none() {
     assert!(text(&out.stderr).contains("give every queue a weight"), "{}", text(&out.stderr));
     let out = celeriac(&["worker", "-Q", "high:0,low:1"]);
     assert!(text(&out.stderr).contains("positive whole number"), "{}", text(&out.stderr));
+}
+
+/// `celeriac dlq list | show | replay | purge` on dead letters a worker made: a permanent failure
+/// and a message that is not JSON.
+#[tokio::test]
+async fn dlq_commands_list_show_replay_and_purge() {
+    use redis::Commands as _;
+    let redis = celeriac_tests::RedisServer::start();
+    let (url0, url1) = (redis.url(0), redis.url(1));
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--broker", url0.as_str(), "--result-backend", url1.as_str()];
+        all.extend_from_slice(args);
+        let out = celeriac(&all);
+        assert!(out.status.success() || args[1] == "show", "{args:?}: {}", text(&out.stderr));
+        out
+    };
+    let enqueued = cli(&["enqueue", "diagnostics.fail", "--args", r#"["no way"]"#]);
+    let failed_id = text(&enqueued.stdout).trim().to_string();
+    let _: () = redis.client(0).lpush("default", "not json at all").unwrap();
+    let w = crate::worker::start(&redis, crate::worker::config(|_| {}), 2, Duration::from_secs(30))
+        .await;
+    let b = crate::worker::broker(&redis, Duration::from_secs(30)).await;
+    let started = std::time::Instant::now();
+    while b.dlq_records("default", 10).await.unwrap().len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(20), "no dead letters");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    w.stop().await;
+
+    assert_eq!(text(&cli(&["dlq", "list"]).stdout), "default\t2\n");
+    let listed = text(&cli(&["dlq", "list", "default"]).stdout);
+    assert!(listed.contains("failed") && listed.contains(&failed_id), "{listed}");
+    assert!(listed.contains("bad_json") && listed.contains("ValueError: no way"), "{listed}");
+
+    let shown: serde_json::Value =
+        serde_json::from_slice(&cli(&["dlq", "show", "default", &failed_id]).stdout).unwrap();
+    assert_eq!((&shown["reason"], &shown["attempts"]), (&json!("failed"), &json!(1)));
+    assert_eq!(shown["task"], "diagnostics.fail");
+    let missing = cli(&["dlq", "show", "default", "no-such-id"]);
+    assert!(!missing.status.success());
+    assert!(text(&missing.stderr).contains("no dead letter for task no-such-id"));
+
+    let replayed = cli(&["dlq", "replay", "default", "--id", &failed_id]);
+    assert_eq!(text(&replayed.stdout), "replayed 1\n");
+    assert_eq!(b.queue_len("default").await.unwrap(), 1);
+    assert_eq!(text(&cli(&["dlq", "purge", "default"]).stdout), "purged 1\n");
+    assert_eq!(text(&cli(&["dlq", "list"]).stdout), "");
 }
