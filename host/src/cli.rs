@@ -284,6 +284,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             )
             .await?;
             client::revoke(&broker, &results, &ids, terminate, ttl.0).await?;
+            // Recorded for good above; the broadcast tells running workers (celeriac and
+            // Python alike) now rather than at their next look at the revoked set.
+            if let Err(e) = crate::control::broadcast_revoke(&broker, &ids, terminate).await {
+                eprintln!("warning: revoked, but the broadcast to running workers failed: {e:#}");
+            }
             println!(
                 "revoked {} task(s){}",
                 ids.len(),

@@ -1,6 +1,7 @@
 //! Celery's remote control (the "pidbox") as far as a worker must answer it: `revoke` (from
-//! `celery control revoke`, `app.control.revoke` and Flower) and `ping`. Requests arrive by
-//! PUBLISH on `/<db>.celery.pidbox`; replies are LPUSHed to the caller's reply queue.
+//! `celery control revoke`, `app.control.revoke`, Flower and `celeriac revoke`) and `ping`.
+//! Requests arrive by PUBLISH on `/<db>.celery.pidbox`; replies are LPUSHed to the caller's
+//! reply queue.
 
 use crate::broker::{Broker, RedisBroker};
 use base64::Engine as _;
@@ -53,11 +54,70 @@ pub fn revoke_ids(arguments: &Value) -> Vec<String> {
     }
 }
 
+/// A revocation heard on the control channel, for the worker to apply at once: its mirrored
+/// revoked set is otherwise refreshed only every maintenance tick.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Revocation {
+    /// The revoked task ids.
+    pub ids: Vec<String>,
+    /// Whether running copies are to be stopped.
+    pub terminate: bool,
+}
+
+/// The channel control requests are published on: the fanout topic of `celery.pidbox`.
+fn pidbox_channel(broker: &RedisBroker) -> anyhow::Result<String> {
+    let db = redis::Client::open(broker.url())?.get_connection_info().redis.db;
+    Ok(format!("{}/{db}.celery.pidbox", broker.options().global_prefix))
+}
+
+/// Broadcasts a `revoke` as Celery's `app.control.revoke` does (no reply wanted), so every
+/// worker on the broker, celeriac or Python, hears it at once.
+pub async fn broadcast_revoke(
+    broker: &RedisBroker,
+    ids: &[String],
+    terminate: bool,
+) -> anyhow::Result<()> {
+    let body = json!({
+        "method": "revoke",
+        "arguments": {"task_id": ids, "terminate": terminate, "signal": "SIGTERM"},
+        "destination": null,
+        "pattern": null,
+        "matcher": null,
+    });
+    let expires = crate::broker::now_secs() + 60.0;
+    let envelope = json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"clock": 1, "expires": expires},
+        "properties": {
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "celery.pidbox", "routing_key": ""},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": uuid::Uuid::new_v4().to_string(),
+        },
+    });
+    let _: i64 = redis::AsyncCommands::publish(
+        &mut broker.conn(),
+        pidbox_channel(broker)?,
+        envelope.to_string(),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Listens for control requests until the connection ends; reconnects with backoff.
-pub async fn serve(broker: RedisBroker, url: String, hostname: String, revoke_ttl: Duration) {
+/// Revocations are recorded in Redis and passed to `revoked` for the worker to apply at once.
+pub async fn serve(
+    broker: RedisBroker,
+    hostname: String,
+    revoke_ttl: Duration,
+    revoked: tokio::sync::mpsc::UnboundedSender<Revocation>,
+) {
     let mut delay = Duration::from_millis(200);
     loop {
-        if let Err(e) = listen(&broker, &url, &hostname, revoke_ttl).await {
+        if let Err(e) = listen(&broker, &hostname, revoke_ttl, &revoked).await {
             warn!("remote control listener failed, reconnecting in {delay:?}: {e}");
         }
         tokio::time::sleep(delay).await;
@@ -67,15 +127,13 @@ pub async fn serve(broker: RedisBroker, url: String, hostname: String, revoke_tt
 
 async fn listen(
     broker: &RedisBroker,
-    url: &str,
     hostname: &str,
     revoke_ttl: Duration,
+    revoked: &tokio::sync::mpsc::UnboundedSender<Revocation>,
 ) -> anyhow::Result<()> {
     use futures_util::StreamExt as _;
-    let client = redis::Client::open(url)?;
-    let db = client.get_connection_info().redis.db;
-    let channel = format!("{}/{db}.celery.pidbox", broker.options().global_prefix);
-    let mut pubsub = client.get_async_pubsub().await?;
+    let channel = pidbox_channel(broker)?;
+    let mut pubsub = redis::Client::open(broker.url())?.get_async_pubsub().await?;
     pubsub.subscribe(&channel).await?;
     debug!(%channel, "listening for remote control");
     let mut messages = pubsub.on_message();
@@ -89,6 +147,7 @@ async fn listen(
                 let ids = revoke_ids(&req.arguments);
                 let terminate = req.arguments["terminate"].as_bool().unwrap_or(false);
                 broker.revoke(&ids, revoke_ttl, terminate).await?;
+                let _ = revoked.send(Revocation { ids: ids.clone(), terminate });
                 json!({"ok": format!("tasks {} flagged as revoked", ids.join(", "))})
             }
             "ping" => json!({"ok": "pong"}),

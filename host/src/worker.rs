@@ -9,6 +9,7 @@
 //! reconnect, never exit.
 
 use crate::broker::{Broker, Delivery, FollowUp, ResultStore, now_ms};
+use crate::control::Revocation;
 use crate::kv::KvStore;
 use crate::protocol::{self, NewTask, Poison, TaskMessage, states};
 use crate::registry::Registry;
@@ -184,10 +185,17 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         info!(worker = %self.opts.hostname, queues = ?self.opts.queues, concurrency = self.opts.concurrency, "worker ready");
         let stop_maintenance = CancellationToken::new();
         let maintenance = tokio::spawn(self.clone().maintain(stop_maintenance.clone()));
+        let (revoked_tx, revoked_rx) = mpsc::unbounded_channel();
         let control = {
             let (broker, hostname, ttl) =
                 (self.broker.clone(), self.opts.hostname.clone(), self.opts.revoke_ttl);
-            tokio::spawn(async move { broker.serve_control(hostname, ttl).await })
+            let me = self.clone();
+            tokio::spawn(async move {
+                tokio::join!(
+                    broker.serve_control(hostname, ttl, revoked_tx),
+                    me.apply_revocations(revoked_rx)
+                )
+            })
         };
         let slots = Arc::new(Semaphore::new(self.opts.concurrency));
         let tasks = TaskTracker::new();
@@ -676,6 +684,20 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         let mut running = self.running();
         for (tag, _) in &acks {
             running.remove(tag);
+        }
+    }
+
+    /// Applies revocations heard on the control channel as they come: the mirrored set takes
+    /// the ids at once (the maintenance tick would take up to `MAINTENANCE_TICK`), and a
+    /// terminate stops running copies now.
+    async fn apply_revocations(&self, mut revoked: mpsc::UnboundedReceiver<Revocation>) {
+        while let Some(r) = revoked.recv().await {
+            self.revoked.lock().unwrap_or_else(|p| p.into_inner()).0.extend(r.ids.iter().cloned());
+            if r.terminate {
+                for running in self.running().values().filter(|t| r.ids.contains(&t.id)) {
+                    running.signals.terminate();
+                }
+            }
         }
     }
 

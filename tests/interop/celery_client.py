@@ -5,6 +5,8 @@ Usage (the broker and backend URLs come from CELERY_BROKER_URL / CELERY_RESULT_B
       send_task, then AsyncResult.get(); prints {"result": ...} or {"exc_type", "message"}
   python celery_client.py states TASK ARGS_JSON QUEUE TIMEOUT
       send_task, then polls AsyncResult.state until ready; prints the distinct states seen
+  python celery_client.py ping | revoked
+      the workers' replies to `control ping` / `inspect revoked`
 As a worker app: celery -A celery_client worker -Q default
 """
 import json
@@ -79,6 +81,9 @@ def main(argv):
             print(json.dumps({"id": result.id, "state": result.state, "exc_type": type(e).__name__}))
     elif command == "ping":
         print(json.dumps({"replies": app.control.ping(timeout=2.0)}))
+    elif command == "revoked":
+        # Each worker's in-memory revoked ids (Celery's `inspect revoked`).
+        print(json.dumps({"replies": app.control.inspect(timeout=2.0).revoked() or {}}))
     else:
         raise SystemExit(f"unknown command {command}")
 

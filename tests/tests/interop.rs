@@ -248,3 +248,31 @@ async fn a_python_worker_restores_what_a_dead_celeriac_worker_left_unacked() {
     assert_eq!(meta.unwrap()["result"], "rescued");
     assert_eq!(c.hlen::<_, u64>("unacked").unwrap(), 0);
 }
+
+/// `celeriac revoke` broadcasts on the pidbox as Celery's `control.revoke` does, so running
+/// Python workers hear it at once too (they keep revocations in memory only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celeriac_revoke_reaches_a_running_python_worker() {
+    let redis = RedisServer::start();
+    let mut worker = python_worker(&redis);
+    let started = std::time::Instant::now();
+    while python(&redis, strings(&["ping"])).await["replies"].as_array().is_none_or(Vec::is_empty) {
+        assert!(started.elapsed() < Duration::from_secs(60), "the Python worker never answered");
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let out = Command::new(celeriac_binary())
+        .args(["revoke", &id])
+        .current_dir(repo_root())
+        .env("CELERY_BROKER_URL", redis.url(0))
+        .env("CELERY_RESULT_BACKEND", redis.url(1))
+        .env("CELERIAC_CACHE", celeriac_tests::test_cache_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = python(&redis, strings(&["revoked"])).await;
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let ids: Vec<&Value> = got["replies"].as_object().unwrap().values().collect();
+    assert_eq!(ids.len(), 1, "{got}");
+    assert!(ids[0].as_array().unwrap().contains(&json!(id)), "{got}");
+}

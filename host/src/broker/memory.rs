@@ -318,7 +318,12 @@ impl Broker for MemoryBroker {
         Ok(self.lock().dlq.remove(queue).map_or(0, |l| l.len() as u64))
     }
 
-    async fn serve_control(&self, _hostname: String, _revoke_ttl: Duration) {
+    async fn serve_control(
+        &self,
+        _hostname: String,
+        _revoke_ttl: Duration,
+        _revoked: tokio::sync::mpsc::UnboundedSender<crate::control::Revocation>,
+    ) {
         // No remote clients can reach an in-process broker; revocations go through `revoke`.
         std::future::pending::<()>().await
     }

@@ -202,11 +202,13 @@ pub trait Broker: Clone + Send + Sync + 'static {
     fn dlq_purge(&self, queue: &str) -> impl Future<Output = BrokerResult<u64>> + Send;
 
     /// Answers Celery's remote control for worker `hostname` until dropped, if this broker
-    /// carries it (Redis does; the memory broker has no remote clients).
+    /// carries it (Redis does; the memory broker has no remote clients), passing the
+    /// revocations it hears to `revoked`.
     fn serve_control(
         &self,
         hostname: String,
         revoke_ttl: Duration,
+        revoked: tokio::sync::mpsc::UnboundedSender<crate::control::Revocation>,
     ) -> impl Future<Output = ()> + Send;
 }
 

@@ -539,7 +539,12 @@ impl Broker for RedisBroker {
         Ok(n)
     }
 
-    async fn serve_control(&self, hostname: String, revoke_ttl: Duration) {
-        crate::control::serve(self.clone(), self.url.clone(), hostname, revoke_ttl).await
+    async fn serve_control(
+        &self,
+        hostname: String,
+        revoke_ttl: Duration,
+        revoked: tokio::sync::mpsc::UnboundedSender<crate::control::Revocation>,
+    ) {
+        crate::control::serve(self.clone(), hostname, revoke_ttl, revoked).await
     }
 }
