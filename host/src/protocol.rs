@@ -236,10 +236,11 @@ struct RawEnvelope<'a> {
     body: Option<&'a RawValue>,
     #[serde(rename = "content-type", borrow, default)]
     content_type: Option<&'a RawValue>,
+    /// Read in the same pass as the envelope: a message is scanned once.
     #[serde(borrow, default)]
-    headers: Option<&'a RawValue>,
+    headers: Option<RawHeaders<'a>>,
     #[serde(borrow, default)]
-    properties: Option<&'a RawValue>,
+    properties: Option<RawProperties<'a>>,
 }
 
 /// Parses Celery's ISO-8601 times; a time without an offset is taken as UTC, as Celery does
@@ -274,10 +275,8 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Poison> {
         Some(Ok(Value::String(other))) => return Err(Poison::ContentType(other)),
         Some(other) => return Err(Poison::ContentType(format!("{other:?}"))),
     }
-    let headers: RawHeaders<'_> = match env.headers {
-        None => return Err(Poison::UnknownProtocol("no headers".into())),
-        Some(h) => serde_json::from_str(h.get())
-            .map_err(|e| Poison::UnknownProtocol(format!("bad headers: {e}")))?,
+    let Some(headers) = env.headers else {
+        return Err(Poison::UnknownProtocol("no headers".into()));
     };
     let task = match field(headers.task) {
         Some(Value::String(t)) if !t.is_empty() => t,
@@ -286,8 +285,7 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Poison> {
     let id = opt_str(headers.id, "id")?
         .filter(|s| !s.is_empty())
         .ok_or(Poison::BadHeader("id", "missing".into()))?;
-    let properties: RawProperties<'_> =
-        env.properties.and_then(|p| serde_json::from_str(p.get()).ok()).unwrap_or_default();
+    let properties = env.properties.unwrap_or_default();
     let body = match env.body.map(|b| serde_json::from_str::<Cow<'_, str>>(b.get())) {
         Some(Ok(body)) => body,
         _ => return Err(Poison::BadBody("no body".into())),
