@@ -158,7 +158,8 @@ pub struct WorkerArgs {
     /// How long results are kept (Celery's result_expires; 0 keeps them).
     #[arg(long, default_value = "1d")]
     pub result_expires: HumanDuration,
-    /// Do not store STARTED when a task starts (saves a round trip per task).
+    /// Do not store STARTED when a task starts (Celery's default; STARTED is otherwise written
+    /// in the next settle batch, before the final state).
     #[arg(long)]
     pub no_track_started: bool,
 }
