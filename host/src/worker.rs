@@ -127,10 +127,12 @@ pub struct Worker<B: Broker, R: ResultStore> {
     kv: KvStore,
     opts: WorkerOptions,
     id: String,
-    fetches: AtomicU64,
+    /// Numbers each fetch, so every delivery tag is unique.
+    fetch_seq: AtomicU64,
     running: Mutex<HashMap<String, Running>>,
     /// Revoked task ids, mirrored from Redis every maintenance tick so the hot path needs no
-    /// round trip. The set's size lets a tick skip the copy when nothing changed; a full copy is
+    /// round trip, and added to at once for revocations heard on the control channel. The set's
+    /// size lets a tick skip the copy when nothing changed; a full copy is
     /// taken at least every `REVOKED_FULL_REFRESH` anyway (an add and a prune can cancel out).
     revoked: Mutex<(HashSet<String>, Option<u64>, Instant)>,
     settle_tx: Mutex<Option<mpsc::UnboundedSender<Settlement>>>,
@@ -162,7 +164,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             kv,
             opts,
             id: uuid::Uuid::new_v4().simple().to_string(),
-            fetches: AtomicU64::new(0),
+            fetch_seq: AtomicU64::new(0),
             running: Mutex::new(HashMap::new()),
             revoked: Mutex::new((HashSet::new(), None, Instant::now())),
             settle_tx: Mutex::new(None),
@@ -267,7 +269,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             {
                 permits.merge(extra);
             }
-            let n = self.fetches.fetch_add(1, Ordering::Relaxed);
+            let n = self.fetch_seq.fetch_add(1, Ordering::Relaxed);
             let prefix = format!("{}.{n}.", self.id);
             let order = fetch_order(&self.opts.queues, &self.opts.weights);
             let deliveries = match self.broker.fetch(&order, permits.num_permits(), &prefix).await {
