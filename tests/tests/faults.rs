@@ -91,3 +91,66 @@ async fn killed_worker_loses_no_task() {
     // Only tasks that were in flight when the worker died may run twice.
     assert!(duplicates <= in_flight, "{duplicates} duplicates but only {in_flight} were in flight");
 }
+
+/// The worker binary writes one line per task with its id, name, queue, retries, runtime and
+/// outcome (at `CELERIAC_LOG=info`; the default level, like Celery's, is warning).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_logs_one_line_per_task() {
+    let redis = RedisServer::start();
+    let (b, r) = (broker(&redis, Duration::from_secs(30)).await, results(&redis).await);
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut worker = Command::new(celeriac_binary())
+        .args(["worker", "-Q", "default", "-c", "2"])
+        .current_dir(repo_root())
+        .env("CELERY_BROKER_URL", redis.url(0))
+        .env("CELERY_RESULT_BACKEND", redis.url(1))
+        .env("CELERIAC_CACHE", test_cache_dir())
+        .env("CELERIAC_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let ok = client::enqueue(
+        &b,
+        "diagnostics.noop",
+        &json!([1]),
+        &json!({}),
+        "default",
+        &NewTask::default(),
+    )
+    .await
+    .unwrap();
+    let failed = client::enqueue(
+        &b,
+        "diagnostics.fail",
+        &json!(["no"]),
+        &json!({}),
+        "default",
+        &NewTask::default(),
+    )
+    .await
+    .unwrap();
+    for id in [&ok, &failed] {
+        client::wait(&r, id, Duration::from_secs(30)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    for (id, name, outcome) in
+        [(&ok, "diagnostics.noop", "success"), (&failed, "diagnostics.fail", "failure")]
+    {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(id.as_str()))
+            .filter(|l| l.contains("task finished"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        for field in
+            [name, "queue=default", "retries=0", "runtime_ms=", &format!("outcome=\"{outcome}\"")]
+        {
+            assert!(lines[0].contains(field), "{field} missing from {}", lines[0]);
+        }
+    }
+}
