@@ -70,6 +70,30 @@ fn pidbox_channel(broker: &RedisBroker) -> anyhow::Result<String> {
     Ok(format!("{}/{db}.celery.pidbox", broker.options().global_prefix))
 }
 
+/// A kombu envelope for a control request or reply: JSON `body`, base64-encoded as kombu does.
+fn pidbox_envelope(
+    body: &Value,
+    headers: Value,
+    delivery_mode: u8,
+    exchange: &str,
+    routing_key: &str,
+) -> String {
+    json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            "delivery_mode": delivery_mode,
+            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": uuid::Uuid::new_v4().to_string(),
+        },
+    })
+    .to_string()
+}
+
 /// Broadcasts a `revoke` as Celery's `app.control.revoke` does (no reply wanted), so every
 /// worker on the broker, celeriac or Python, hears it at once.
 pub async fn broadcast_revoke(
@@ -84,26 +108,11 @@ pub async fn broadcast_revoke(
         "pattern": null,
         "matcher": null,
     });
-    let expires = crate::broker::now_secs() + 60.0;
-    let envelope = json!({
-        "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"clock": 1, "expires": expires},
-        "properties": {
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "celery.pidbox", "routing_key": ""},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": uuid::Uuid::new_v4().to_string(),
-        },
-    });
-    let _: i64 = redis::AsyncCommands::publish(
-        &mut broker.conn(),
-        pidbox_channel(broker)?,
-        envelope.to_string(),
-    )
-    .await?;
+    let headers = json!({"clock": 1, "expires": crate::broker::now_secs() + 60.0});
+    let envelope = pidbox_envelope(&body, headers, 2, "celery.pidbox", "");
+    let _: i64 =
+        redis::AsyncCommands::publish(&mut broker.conn(), pidbox_channel(broker)?, envelope)
+            .await?;
     Ok(())
 }
 
@@ -176,21 +185,9 @@ async fn send_reply(
     let members: Vec<String> =
         redis::AsyncCommands::smembers(&mut conn, broker.key("_kombu.binding.reply.celery.pidbox"))
             .await?;
-    let body = json!({ hostname: reply }).to_string();
-    let envelope = json!({
-        "body": base64::engine::general_purpose::STANDARD.encode(body),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"ticket": ticket, "clock": 1},
-        "properties": {
-            "delivery_mode": 1,
-            "delivery_info": {"exchange": "reply.celery.pidbox", "routing_key": oid},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": uuid::Uuid::new_v4().to_string(),
-        },
-    })
-    .to_string();
+    let headers = json!({"ticket": ticket, "clock": 1});
+    let envelope =
+        pidbox_envelope(&json!({ hostname: reply }), headers, 1, "reply.celery.pidbox", oid);
     for member in members {
         let mut parts = member.split(crate::broker::PRIORITY_SEP);
         let (Some(key), Some(_pattern), Some(queue)) = (parts.next(), parts.next(), parts.next())
