@@ -91,7 +91,8 @@ pub async fn wait<R: ResultStore>(
 }
 
 /// Revokes tasks: queued copies are skipped by every worker, now or started later (until `ttl`);
-/// with `terminate` a running one is stopped. The state becomes REVOKED at once.
+/// with `terminate` a running one is stopped. The state becomes REVOKED at once, unless the task
+/// already ended (SUCCESS, FAILURE or REVOKED): a finished task's outcome is not rewritten.
 pub async fn revoke<B: Broker, R: ResultStore>(
     broker: &B,
     results: &R,
@@ -101,14 +102,18 @@ pub async fn revoke<B: Broker, R: ResultStore>(
 ) -> BrokerResult<()> {
     broker.revoke(ids, ttl, terminate).await?;
     let exc = json!({"exc_type": "TaskRevokedError", "exc_message": ["revoked"], "exc_module": "celery.exceptions"});
-    let stored: Vec<StoredResult> = ids
-        .iter()
-        .map(|id| StoredResult {
-            id: id.clone(),
-            meta: protocol::result_meta(id, states::REVOKED, exc.clone(), None, &[]),
-        })
-        .collect();
-    results.store(&stored).await
+    let mut stored: Vec<StoredResult> = Vec::with_capacity(ids.len());
+    for id in ids {
+        let current = results.get(id).await?;
+        let ended = current.as_deref().and_then(crate::results::status_of).is_some_and(|s| {
+            [states::SUCCESS, states::FAILURE, states::REVOKED].contains(&s.as_str())
+        });
+        if !ended {
+            let meta = protocol::result_meta(id, states::REVOKED, exc.clone(), None, &[]);
+            stored.push(StoredResult { id: id.clone(), meta });
+        }
+    }
+    results.store(&stored.iter().collect::<Vec<_>>()).await
 }
 
 /// Dead letters of `queue`, newest first.

@@ -108,6 +108,9 @@ pub struct TaskSettings {
     pub kv: Option<String>,
     /// Grant: these task names (globs) may be enqueued.
     pub enqueue: Option<Vec<String>>,
+    /// Grant: children may also be sent to these queues (globs), beyond the task's own queue
+    /// and those of the tasks it may enqueue.
+    pub enqueue_queues: Option<Vec<String>>,
     /// Grant: these host folders.
     pub preopens: Option<Vec<PreopenSetting>>,
 }
@@ -159,6 +162,7 @@ impl TaskSettings {
             random,
             kv,
             enqueue,
+            enqueue_queues,
             preopens
         )
     }
@@ -211,9 +215,14 @@ impl TaskSettings {
             bad("kv", format!("namespace {ns:?} must be letters, digits, '_', '-' or '.'"));
         }
         if let Some(q) = &self.queue
-            && (q.is_empty() || q.contains('\u{6}'))
+            && let Err(e) = crate::broker::check_queue_name(q)
         {
-            bad("queue", format!("invalid queue name {q:?}"));
+            bad("queue", e);
+        }
+        for q in self.enqueue_queues.iter().flatten() {
+            if let Err(e) = crate::broker::check_queue_name(&q.replace('*', "x")) {
+                bad("enqueue_queues", e);
+            }
         }
         for p in self.preopens.iter().flatten() {
             if !p.guest.starts_with('/') {
@@ -419,9 +428,11 @@ impl Config {
         }
         overrides.task.check("command line", &mut problems);
         for (i, r) in file.routes.iter().enumerate() {
-            if r.task.is_empty() || r.queue.is_empty() || r.queue.contains('\u{6}') {
-                problems
-                    .push(format!("{shown}: routes[{i}]: task and queue must be non-empty names"));
+            if r.task.is_empty() {
+                problems.push(format!("{shown}: routes[{i}]: task must be a non-empty glob"));
+            }
+            if let Err(e) = crate::broker::check_queue_name(&r.queue) {
+                problems.push(format!("{shown}: routes[{i}].queue: {e}"));
             }
         }
         if !problems.is_empty() {
@@ -530,6 +541,8 @@ impl Config {
                 random: s.random.unwrap_or(false),
                 kv: s.kv,
                 enqueue: s.enqueue.unwrap_or_default(),
+                // The registry adds the queues of this task and of the tasks it may enqueue.
+                child_queues: s.enqueue_queues.unwrap_or_default(),
                 preopens: s
                     .preopens
                     .unwrap_or_default()

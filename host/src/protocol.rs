@@ -252,6 +252,20 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f").ok().map(|n| n.and_utc())
 }
 
+/// The longest delay celeriac schedules anything for (a retry's or a child's countdown). Longer
+/// ones, which only a broken or hostile task asks for, are cut to this, so that no time
+/// arithmetic can overflow.
+pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The time `delay` from now, with `delay` capped at [`MAX_DELAY`].
+pub fn eta_after(delay: std::time::Duration) -> DateTime<Utc> {
+    let now = Utc::now();
+    chrono::TimeDelta::from_std(delay.min(MAX_DELAY))
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(now)
+}
+
 /// Formats a time as Celery does (`isoformat()` with `+00:00`).
 pub fn format_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, false)

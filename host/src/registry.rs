@@ -105,6 +105,7 @@ impl Registry {
         if !problems.is_empty() {
             return Err(ConfigError { problems }.into());
         }
+        grant_child_queues(&mut tasks);
         Ok(Registry { runtime, modules, tasks })
     }
 
@@ -140,5 +141,25 @@ impl Registry {
             .runtime
             .run(&entry.module, invocation, &spec.limits, spec.grants.clone(), env)
             .await)
+    }
+}
+
+/// A task may send a child to its own queue and to the queue of any task it may enqueue (what
+/// a child would get anyway without naming one), besides the globs its config grants.
+fn grant_child_queues(tasks: &mut BTreeMap<String, Entry>) {
+    let queues: Vec<(String, String)> =
+        tasks.values().map(|e| (e.spec.name.clone(), e.spec.queue.clone())).collect();
+    for entry in tasks.values_mut() {
+        let grants = &mut entry.spec.grants;
+        let mut allowed = vec![entry.spec.queue.clone()];
+        for (name, queue) in &queues {
+            if grants.enqueue.iter().any(|g| crate::runtime::glob_match(g, name)) {
+                allowed.push(queue.clone());
+            }
+        }
+        allowed.retain(|q| !grants.child_queues.contains(q));
+        allowed.sort();
+        allowed.dedup();
+        grants.child_queues.extend(allowed);
     }
 }

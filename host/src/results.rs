@@ -6,12 +6,22 @@ use redis::aio::ConnectionManager;
 use std::time::Duration;
 
 /// SET (with expiry when ARGV[1] > 0) and PUBLISH each KEYS[i] to ARGV[i + 1], unless the key
-/// already holds a SUCCESS (Python writes `"status": "SUCCESS"`, celeriac without the space).
+/// already holds a meta whose `status` is SUCCESS. The status member itself is read (decoded only
+/// when the text mentions SUCCESS at all, so the common case costs no parse): a progress meta
+/// such as `{"status": "PROGRESS", "result": {"status": "SUCCESS"}}` must not freeze the task's
+/// state. A key of the wrong type (not a string) is simply overwritten, as SET does.
 const STORE: &str = r#"
 local ttl = tonumber(ARGV[1])
+local function succeeded(key)
+  local ok, cur = pcall(redis.call, 'GET', key)
+  if not ok or type(cur) ~= 'string' or not string.find(cur, 'SUCCESS', 1, true) then
+    return false
+  end
+  local decoded, meta = pcall(cjson.decode, cur)
+  return decoded and type(meta) == 'table' and meta.status == 'SUCCESS'
+end
 for i, key in ipairs(KEYS) do
-  local cur = redis.call('GET', key)
-  if not (cur and string.find(cur, '"status":%s*"SUCCESS"')) then
+  if not succeeded(key) then
     if ttl > 0 then redis.call('SET', key, ARGV[i + 1], 'EX', ttl)
     else redis.call('SET', key, ARGV[i + 1]) end
     redis.call('PUBLISH', key, ARGV[i + 1])
@@ -28,6 +38,15 @@ pub fn key_prefix(prefix: &str) -> String {
         Some(':' | '_' | '-' | '.') => prefix.to_string(),
         Some(_) => format!("{prefix}_"),
     }
+}
+
+/// The `status` member of a stored meta, if it has one.
+pub fn status_of(meta: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Status {
+        status: Option<String>,
+    }
+    serde_json::from_str::<Status>(meta).ok()?.status
 }
 
 /// The result backend.
@@ -76,7 +95,7 @@ impl ResultBackend {
 impl crate::broker::ResultStore for ResultBackend {
     /// Stores results in one round trip. A stored SUCCESS is never overwritten: a redelivered
     /// message that ran again must not replace the first result with a later state.
-    async fn store(&self, results: &[StoredResult]) -> crate::broker::BrokerResult<()> {
+    async fn store(&self, results: &[&StoredResult]) -> crate::broker::BrokerResult<()> {
         if results.is_empty() {
             return Ok(());
         }

@@ -16,8 +16,10 @@ use crate::registry::Registry;
 use crate::results::StoredResult;
 use crate::runtime::{Invocation, Outcome, RunEnv, RunReport, Signals};
 use chrono::{DateTime, Utc};
+use futures_util::FutureExt as _;
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -109,15 +111,22 @@ struct Running {
 }
 
 /// Results to store and, for a handled message, the commands to run atomically with its ack
-/// (no tag: results only, such as STARTED).
+/// (no delivery: results only, such as STARTED). The delivery travels along so that a message
+/// Redis refuses to settle as it ended can still be dead-lettered whole.
 struct Settlement {
-    tag: Option<String>,
+    delivery: Option<Delivery>,
     results: Vec<StoredResult>,
     then: Vec<FollowUp>,
 }
 
 /// Most messages settled in one round trip pair (results, then acks).
 const MAX_SETTLE_BATCH: usize = 256;
+/// Most result bytes in one batch: far below what one Redis request may carry (1 GiB), so a
+/// batch of large results is split before Redis has to refuse it.
+const MAX_SETTLE_BYTES: usize = 32 << 20;
+/// Failed attempts at one batch with transient errors (a reset connection) before asking
+/// whether Redis answers at all: if it does, the batch itself is the problem and is split.
+const TRANSIENT_ATTEMPTS: u32 = 3;
 
 /// A celeriac worker bound to a broker, a result backend and a set of loaded tasks.
 pub struct Worker<B: Broker, R: ResultStore> {
@@ -323,13 +332,19 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         }
     }
 
-    /// Handles one delivery and settles it with the broker.
+    /// Handles one delivery and settles it with the broker. Whatever goes wrong in handling it,
+    /// a panic included, ends with the delivery settled: a message that stayed in `running`
+    /// would have its lease renewed for ever and never be run, restored or dead-lettered.
     async fn process(&self, d: Delivery, signals: Signals, shutdown: CancellationToken) {
-        let disposition = self.handle(&d, signals, &shutdown).await;
+        let handled = AssertUnwindSafe(self.handle(&d, signals, &shutdown)).catch_unwind().await;
+        let disposition = match handled {
+            Ok(disposition) => disposition,
+            Err(panic) => self.host_panic(&d, panic_message(panic.as_ref())),
+        };
         match disposition {
             Disposition::Requeue => {}
             Disposition::Finish { results, then } => {
-                self.to_settler(Settlement { tag: Some(d.tag.clone()), results, then }).await
+                self.to_settler(Settlement { delivery: Some(d), results, then }).await
             }
         }
     }
@@ -421,18 +436,14 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                     json!({"pid": std::process::id(), "hostname": self.opts.hostname}),
                     &[],
                 );
-                self.to_settler(Settlement { tag: None, results: vec![started], then: vec![] })
-                    .await;
+                self.to_settler(Settlement {
+                    delivery: None,
+                    results: vec![started],
+                    then: vec![],
+                })
+                .await;
             }
-            let mut limits = entry.spec.limits.clone();
-            // A producer's per-call `time_limit` / `soft_time_limit` win, as in Celery.
-            if let Some(hard) = msg.time_limits.0.filter(|h| *h > 0.0) {
-                limits.hard_time_limit = Duration::from_secs_f64(hard);
-            }
-            if let Some(soft) = msg.time_limits.1.filter(|s| *s > 0.0) {
-                limits.soft_time_limit =
-                    Some(Duration::from_secs_f64(soft)).filter(|s| *s < limits.hard_time_limit);
-            }
+            let limits = producer_limits(&entry.spec.limits, msg.time_limits);
             let invocation = Invocation {
                 id: msg.id.clone(),
                 task: msg.task.clone(),
@@ -518,7 +529,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 Outcome::Retry { countdown: Some(c), .. } => *c,
                 _ => jitter(spec.retry.delay(msg.retries), spec.retry.jitter),
             };
-            let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+            let eta = protocol::eta_after(delay);
             let then = vec![FollowUp::Schedule {
                 queue: d.queue.clone(),
                 priority: msg.priority,
@@ -570,9 +581,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             priority: child.priority,
             parent_id: Some(parent.id.clone()),
             root_id: Some(parent.root_id.clone().unwrap_or_else(|| parent.id.clone())),
-            eta: child
-                .countdown
-                .map(|c| Utc::now() + chrono::Duration::from_std(c).unwrap_or_default()),
+            eta: child.countdown.map(protocol::eta_after),
             ..NewTask::default()
         };
         let (id, envelope) =
@@ -595,7 +604,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         while let Some(p) = reports.recv().await {
             let meta = protocol::result_meta(&p.task_id, &p.state, p.meta, None, &[]);
             let results = vec![StoredResult { id: p.task_id, meta }];
-            self.to_settler(Settlement { tag: None, results, then: vec![] }).await;
+            self.to_settler(Settlement { delivery: None, results, then: vec![] }).await;
         }
     }
 
@@ -630,6 +639,36 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         }
     }
 
+    /// Settles a delivery whose handling panicked: FAILURE (`HostError`) when its id is known,
+    /// and a dead letter with the panic, so the message is neither lost nor run again blindly.
+    fn host_panic(&self, d: &Delivery, panic: String) -> Disposition {
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        let error = format!("celeriac failed while handling this message: {panic}");
+        let msg = protocol::decode(&d.payload).ok();
+        tracing::error!(
+            queue = %d.queue,
+            task.id = msg.as_ref().map(|m| m.id.as_str()).unwrap_or("?"),
+            "dead-lettering: {error}"
+        );
+        let results = msg
+            .iter()
+            .map(|m| self.result(m, states::FAILURE, protocol::exception("HostError", &error), &[]))
+            .collect();
+        let attempts = msg.as_ref().map_or(1, |m| m.retries.saturating_add(1));
+        let record = dead_letter_record(
+            d,
+            msg.as_ref(),
+            "host_error",
+            &error,
+            attempts,
+            &self.opts.hostname,
+        );
+        Disposition::Finish {
+            results,
+            then: vec![FollowUp::DeadLetter { queue: d.queue.clone(), record }],
+        }
+    }
+
     fn poison(&self, d: &Delivery, poison: &Poison) -> Disposition {
         self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
         warn!(queue = %d.queue, reason = poison.kind(), "dead-lettering an undecodable message: {poison}");
@@ -647,9 +686,9 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         error: &str,
         results: Vec<StoredResult>,
     ) -> Disposition {
-        warn!(queue = %d.queue, reason, "dead-lettering after {} attempts: {error}", msg.retries + 1);
-        let record =
-            dead_letter_record(d, Some(msg), reason, error, msg.retries + 1, &self.opts.hostname);
+        let attempts = msg.retries.saturating_add(1);
+        warn!(queue = %d.queue, reason, "dead-lettering after {attempts} attempts: {error}");
+        let record = dead_letter_record(d, Some(msg), reason, error, attempts, &self.opts.hostname);
         let then = vec![FollowUp::DeadLetter { queue: d.queue.clone(), record }];
         Disposition::Finish { results, then }
     }
@@ -658,10 +697,14 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     /// in flight goes in the next, so under load two round trips settle hundreds of tasks.
     async fn settler(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Settlement>) {
         while let Some(first) = rx.recv().await {
+            let mut bytes = settlement_bytes(&first);
             let mut batch = vec![first];
-            while batch.len() < MAX_SETTLE_BATCH {
+            while batch.len() < MAX_SETTLE_BATCH && bytes < MAX_SETTLE_BYTES {
                 match rx.try_recv() {
-                    Ok(s) => batch.push(s),
+                    Ok(s) => {
+                        bytes += settlement_bytes(&s);
+                        batch.push(s);
+                    }
                     Err(_) => break,
                 }
             }
@@ -670,23 +713,101 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     }
 
     /// Stores the batch's results, then acks every message atomically with its follow-up
-    /// commands (children, retry, dead letter). If Redis is away, keeps trying: the leases keep
-    /// the messages safe meanwhile, and giving up would run them twice.
+    /// commands (children, retry, dead letter). While Redis is away it keeps trying: the leases
+    /// keep the messages safe meanwhile, and giving up would run them twice. When Redis answers
+    /// but refuses the batch, the batch is split until the item it refuses is alone, and that
+    /// item is dead-lettered: one bad message never holds up the others.
     async fn settle(&self, batch: Vec<Settlement>) {
-        let mut results = Vec::new();
-        let mut acks = Vec::with_capacity(batch.len());
-        for s in batch {
-            results.extend(s.results);
-            if let Some(tag) = s.tag {
-                acks.push((tag, s.then));
+        let mut pending = vec![batch];
+        while let Some(mut batch) = pending.pop() {
+            match self.try_settle(&batch).await {
+                Ok(()) => self.settled(&batch),
+                Err(e) if batch.len() > 1 => {
+                    warn!(
+                        "Redis refused a batch of {} settlements, splitting it: {e}",
+                        batch.len()
+                    );
+                    let second = batch.split_off(batch.len() / 2);
+                    pending.push(second);
+                    pending.push(batch);
+                }
+                Err(e) => {
+                    if let Some(one) = batch.pop() {
+                        self.settle_refused(one, e).await;
+                    }
+                }
             }
         }
-        until_ok("storing results", || self.results.store(&results)).await;
-        until_ok("ack", || self.broker.settle(&acks)).await;
-        let mut running = self.running();
-        for (tag, _) in &acks {
-            running.remove(tag);
+    }
+
+    /// One attempt at a batch, repeated while the errors are transient and Redis does not
+    /// answer. Returns the error once Redis answers but still refuses the batch.
+    async fn try_settle(&self, batch: &[Settlement]) -> crate::broker::BrokerResult<()> {
+        let results: Vec<&StoredResult> = batch.iter().flat_map(|s| &s.results).collect();
+        let acks: Vec<(&str, &[FollowUp])> = batch
+            .iter()
+            .filter_map(|s| s.delivery.as_ref().map(|d| (d.tag.as_str(), s.then.as_slice())))
+            .collect();
+        let mut delay = Duration::from_millis(50);
+        let mut transient = 0;
+        loop {
+            let attempt = async {
+                self.results.store(&results).await?;
+                self.broker.settle(&acks).await
+            };
+            match attempt.await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    transient += 1;
+                    if transient >= TRANSIENT_ATTEMPTS && self.broker.ping().await.is_ok() {
+                        return Err(e);
+                    }
+                    warn!("settling {} messages failed, retrying in {delay:?}: {e}", acks.len());
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
         }
+    }
+
+    /// Forgets settled deliveries: their leases are no longer renewed.
+    fn settled(&self, batch: &[Settlement]) {
+        let mut running = self.running();
+        for d in batch.iter().filter_map(|s| s.delivery.as_ref()) {
+            running.remove(&d.tag);
+        }
+    }
+
+    /// Settles, as a dead letter, a message Redis refused to settle as it ended (its result too
+    /// large to store, a key its follow-ups needed of the wrong type): FAILURE with the reason,
+    /// and the message, untouched, in its queue's dead-letter list. Progress states Redis
+    /// refused are dropped with a warning; the final state follows them anyway.
+    async fn settle_refused(&self, refused: Settlement, error: crate::broker::BrokerError) {
+        let Some(d) = refused.delivery else {
+            return warn!(
+                "dropped {} progress states Redis refused: {error}",
+                refused.results.len()
+            );
+        };
+        let msg = protocol::decode(&d.payload).ok();
+        let why = format!("celeriac could not settle this message as it ended: {error}");
+        tracing::error!(queue = %d.queue, tag = %d.tag, "dead-lettering: {why}");
+        let results = msg
+            .iter()
+            .map(|m| self.result(m, states::FAILURE, protocol::exception("HostError", &why), &[]))
+            .collect();
+        let attempts = msg.as_ref().map_or(1, |m| m.retries.saturating_add(1));
+        let record =
+            dead_letter_record(&d, msg.as_ref(), "unsettled", &why, attempts, &self.opts.hostname);
+        let then = vec![FollowUp::DeadLetter { queue: d.queue.clone(), record }];
+        let fallback = [Settlement { delivery: Some(d), results, then }];
+        if let Err(e) = self.try_settle(&fallback).await {
+            // Not even its dead-letter list takes it. It stays unacked; without renewals its lease
+            // runs out and it is restored, so it is not lost.
+            tracing::error!("could not dead-letter it either; it returns after its lease: {e}");
+        }
+        self.settled(&fallback);
     }
 
     /// Applies revocations heard on the control channel as they come: the mirrored set takes
@@ -810,23 +931,37 @@ pub fn fetch_order(queues: &[String], weights: &[u32]) -> Vec<String> {
     order
 }
 
-/// Retries `op` with backoff until it succeeds: used where giving up would lose a result or
-/// run a task twice, and a message's lease keeps it safe while Redis is away.
-async fn until_ok<T, F, Fut>(what: &str, mut op: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = crate::broker::BrokerResult<T>>,
-{
-    let mut delay = Duration::from_millis(50);
-    loop {
-        match op().await {
-            Ok(v) => return v,
-            Err(e) => {
-                warn!("{what} failed, retrying in {delay:?}: {e}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
+/// The result bytes a settlement sends to Redis.
+fn settlement_bytes(s: &Settlement) -> usize {
+    s.results.iter().map(|r| r.meta.len()).sum()
+}
+
+/// The limits of one run: the task's own, lowered (never raised) by a producer's per-call
+/// `timelimit` header `[hard, soft]` in seconds. The operator's configured limit is the ceiling
+/// of the sandbox; a message may only ask for less, and absurd numbers are ignored.
+fn producer_limits(
+    configured: &crate::runtime::Limits,
+    (hard, soft): (Option<f64>, Option<f64>),
+) -> crate::runtime::Limits {
+    let seconds =
+        |v: Option<f64>| v.filter(|s| *s > 0.0).and_then(|s| Duration::try_from_secs_f64(s).ok());
+    let mut limits = configured.clone();
+    if let Some(hard) = seconds(hard) {
+        limits.hard_time_limit = limits.hard_time_limit.min(hard);
+    }
+    if let Some(soft) = seconds(soft) {
+        limits.soft_time_limit = Some(limits.soft_time_limit.map_or(soft, |s| s.min(soft)));
+    }
+    limits.soft_time_limit = limits.soft_time_limit.filter(|s| *s < limits.hard_time_limit);
+    limits
+}
+
+/// The text of a panic payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => (*s).to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic without a message".to_string(),
     }
 }
 
@@ -878,7 +1013,28 @@ pub fn parse_cli_time(s: &str) -> Option<DateTime<Utc>> {
 
 #[cfg(test)]
 mod tests {
-    use super::fetch_order;
+    use super::{fetch_order, producer_limits};
+    use crate::runtime::Limits;
+    use std::time::Duration;
+
+    #[test]
+    fn a_producer_time_limit_lowers_the_configured_one_and_never_raises_it() {
+        let configured = Limits {
+            soft_time_limit: Some(Duration::from_millis(500)),
+            hard_time_limit: Duration::from_secs(1),
+            ..Limits::default()
+        };
+        let lowered = producer_limits(&configured, (Some(0.2), Some(0.1)));
+        assert_eq!(lowered.hard_time_limit, Duration::from_millis(200));
+        assert_eq!(lowered.soft_time_limit, Some(Duration::from_millis(100)));
+        for absurd in [(Some(20.0), Some(19.0)), (Some(1e300), None), (Some(1.8e19), None)] {
+            let kept = producer_limits(&configured, absurd);
+            assert_eq!(kept.hard_time_limit, Duration::from_secs(1), "{absurd:?}");
+            assert_eq!(kept.soft_time_limit, Some(Duration::from_millis(500)), "{absurd:?}");
+        }
+        let none = producer_limits(&configured, (Some(-1.0), Some(0.0)));
+        assert_eq!(none, configured);
+    }
 
     #[test]
     fn strict_order_is_kept_and_weights_share_the_first_place() {

@@ -6,5 +6,6 @@ mod config;
 mod faults;
 mod interop;
 mod sandbox;
+mod scripts;
 mod tasks;
 mod worker;

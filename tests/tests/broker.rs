@@ -61,7 +61,7 @@ async fn settle_acks_and_applies_follow_ups_together<B: Broker>(b: B) {
         },
         FollowUp::DeadLetter { queue: "q".into(), record: r#"{"id":"a"}"#.into() },
     ];
-    b.settle(&[(got[0].tag.clone(), follow_ups)]).await.unwrap();
+    b.settle(&[(got[0].tag.as_str(), follow_ups.as_slice())]).await.unwrap();
     assert_eq!(b.queue_len("q").await.unwrap(), 1);
     assert_eq!(b.scheduled_len().await.unwrap(), 1);
     assert_eq!(b.dlq_records("q", 10).await.unwrap(), vec![r#"{"id":"a"}"#.to_string()]);
@@ -192,9 +192,10 @@ conformance!(
     a_dead_letter_replays_once,
 );
 
-/// Leases live in kombu's `unacked_index`: an entry of ours that missed its renewals for a lease
-/// is restored, a Python worker's entry of the same age is left until kombu's visibility timeout
-/// (its task may still be running), and a renewal keeps ours in place.
+/// Our leases are renewed in kombu's `unacked_index` and in celeriac's lease set: an entry of ours
+/// that missed its renewals for a lease is restored, a Python worker's entry of the same age is
+/// left until kombu's visibility timeout (its task may still be running), and a renewal keeps
+/// ours in place.
 #[tokio::test]
 async fn only_our_entries_are_restored_before_the_visibility_timeout() {
     let redis = celeriac_tests::RedisServer::start();
@@ -217,6 +218,9 @@ async fn only_our_entries_are_restored_before_the_visibility_timeout() {
     let old = celeriac::broker::now_secs() - 50.0;
     for tag in [got[0].tag.as_str(), got[1].tag.as_str(), "5d0b3e0c-python-tag"] {
         let _: () = c.zadd("unacked_index", tag, old).unwrap();
+    }
+    for tag in [got[0].tag.as_str(), got[1].tag.as_str()] {
+        let _: () = c.zadd("celeriac:leases", tag, old).unwrap();
     }
     b.renew(&[got[1].tag.clone()]).await.unwrap();
     assert_eq!(b.restore_expired().await.unwrap(), Some(1));

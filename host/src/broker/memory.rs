@@ -140,14 +140,18 @@ impl Broker for MemoryBroker {
         Ok(out)
     }
 
-    async fn settle(&self, batch: &[(String, Vec<FollowUp>)]) -> BrokerResult<()> {
+    async fn settle(&self, batch: &[(&str, &[FollowUp])]) -> BrokerResult<()> {
         let mut st = self.lock();
         for (tag, follow_ups) in batch {
-            for f in follow_ups {
+            for f in *follow_ups {
                 st.apply(f);
             }
             st.ack(tag);
         }
+        Ok(())
+    }
+
+    async fn ping(&self) -> BrokerResult<()> {
         Ok(())
     }
 
@@ -330,10 +334,12 @@ impl Broker for MemoryBroker {
 }
 
 impl ResultStore for MemoryBroker {
-    async fn store(&self, results: &[StoredResult]) -> BrokerResult<()> {
+    async fn store(&self, results: &[&StoredResult]) -> BrokerResult<()> {
         let mut st = self.lock();
         for r in results {
-            let done = st.results.get(&r.id).is_some_and(|m| m.contains(r#""status":"SUCCESS""#));
+            let done = st.results.get(&r.id).is_some_and(|m| {
+                crate::results::status_of(m).as_deref() == Some(crate::protocol::states::SUCCESS)
+            });
             if !done {
                 st.results.insert(r.id.clone(), r.meta.clone());
             }

@@ -18,6 +18,34 @@ pub const PRIORITY_SEP: &str = "\x06\x16";
 /// kombu's priority steps; a priority rounds down to a step; on Redis 0 is served first.
 pub const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
 
+/// Longest queue name accepted, in bytes.
+pub const MAX_QUEUE_NAME: usize = 200;
+
+/// Checks that `name` can be a queue: non-empty, at most [`MAX_QUEUE_NAME`] bytes, no control
+/// characters (kombu's priority separator and the scheduled set's newline among them), and not
+/// one of the keys kombu, Celery's result backend or celeriac keep their own state in. A queue
+/// name becomes a Redis key that messages are pushed onto, so a task choosing its child's queue
+/// must never be able to name `unacked`, a binding, a result or a kv namespace.
+pub fn check_queue_name(name: &str) -> Result<(), String> {
+    /// Keys and key prefixes that belong to kombu, Celery's result backend or celeriac.
+    const RESERVED_PREFIXES: &[&str] =
+        &["celeriac:", "_kombu.", "celery-task-meta-", "celery-taskset-meta-", "chord-unlock"];
+    const RESERVED: &[&str] = &["unacked", "unacked_index", "unacked_mutex"];
+    if name.is_empty() {
+        return Err("a queue name cannot be empty".into());
+    }
+    if name.len() > MAX_QUEUE_NAME {
+        return Err(format!("queue name of {} bytes exceeds {MAX_QUEUE_NAME}", name.len()));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(format!("queue name {name:?} contains control characters"));
+    }
+    if RESERVED.contains(&name) || RESERVED_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        return Err(format!("{name:?} is a key of kombu, Celery or celeriac, not a queue"));
+    }
+    Ok(())
+}
+
 /// The list holding messages of `priority` for `queue` (without any key prefix).
 pub fn priority_list(queue: &str, priority: u8) -> String {
     let step = PRIORITY_STEPS.iter().rev().find(|s| **s <= priority.min(9)).copied().unwrap_or(0);
@@ -106,6 +134,21 @@ pub enum BrokerError {
     Redis(#[from] ::redis::RedisError),
 }
 
+impl BrokerError {
+    /// Whether the error says Redis is away or busy for now (connection lost, refused or timed
+    /// out, loading, failing over), rather than that it refused this request: only these are
+    /// worth retrying unchanged.
+    pub fn is_transient(&self) -> bool {
+        let BrokerError::Redis(e) = self;
+        use ::redis::ErrorKind::*;
+        e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || matches!(e.kind(), BusyLoadingError | TryAgain | ClusterDown | MasterDown | ReadOnly)
+    }
+}
+
 /// What a broker call returns.
 pub type BrokerResult<T> = Result<T, BrokerError>;
 
@@ -124,11 +167,15 @@ pub trait Broker: Clone + Send + Sync + 'static {
         tag_prefix: &str,
     ) -> impl Future<Output = BrokerResult<Vec<Delivery>>> + Send;
 
-    /// Acks deliveries, each together with its follow-ups, in one atomic step.
+    /// Acks deliveries, each together with its follow-ups, in one atomic step: all of it is
+    /// applied or, when a key it needs has the wrong type, none of it.
     fn settle(
         &self,
-        batch: &[(String, Vec<FollowUp>)],
+        batch: &[(&str, &[FollowUp])],
     ) -> impl Future<Output = BrokerResult<()>> + Send;
+
+    /// Checks that the broker answers (a round trip that touches no data).
+    fn ping(&self) -> impl Future<Output = BrokerResult<()>> + Send;
 
     /// Applies follow-ups without an ack (producers: publish, schedule).
     fn send(&self, items: &[FollowUp]) -> impl Future<Output = BrokerResult<()>> + Send;
@@ -215,14 +262,37 @@ pub trait Broker: Clone + Send + Sync + 'static {
 /// Where results go: Celery's result backend.
 pub trait ResultStore: Clone + Send + Sync + 'static {
     /// Stores results (never overwriting a stored SUCCESS) and announces them.
-    fn store(&self, results: &[StoredResult]) -> impl Future<Output = BrokerResult<()>> + Send;
+    fn store(&self, results: &[&StoredResult]) -> impl Future<Output = BrokerResult<()>> + Send;
     /// A task's stored meta JSON; `None` while PENDING.
     fn get(&self, id: &str) -> impl Future<Output = BrokerResult<Option<String>>> + Send;
 }
 
 #[cfg(test)]
 mod tests {
-    use super::priority_list;
+    use super::{check_queue_name, priority_list};
+
+    #[test]
+    fn bookkeeping_keys_and_odd_names_are_not_queues() {
+        for ok in ["celery", "default", "high-priority", "reports.daily", "a:b"] {
+            assert_eq!(check_queue_name(ok), Ok(()), "{ok}");
+        }
+        let too_long = "q".repeat(super::MAX_QUEUE_NAME + 1);
+        for bad in [
+            "",
+            "unacked",
+            "unacked_index",
+            "unacked_mutex",
+            "_kombu.binding.celery",
+            "celeriac:revoked",
+            "celeriac:kv:index:k",
+            "celery-task-meta-1234",
+            "a\nb",
+            "a\x06\x163",
+            too_long.as_str(),
+        ] {
+            assert!(check_queue_name(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 
     #[test]
     fn priorities_round_down_to_kombu_steps() {

@@ -7,14 +7,15 @@
 //! `unacked_index` until it is acked.
 //!
 //! celeriac's own keys, under `celeriac:`: `scheduled` (ETA messages, by due time),
-//! `dlq:<queue>`, `revoked` (task id -> expiry), `terminate`, `rate:<task>` (token buckets),
-//! `kv:<namespace>:<key>`.
+//! `dlq:<queue>`, `leases` (our delivery tags, by last renewal), `revoked` (task id -> expiry),
+//! `terminate`, `rate:<task>` (token buckets), `kv:<namespace>:<key>`.
 //!
-//! Leases live in kombu's own `unacked_index`: our delivery tags start with [`OWN_TAG`], and a
-//! running task's entry is re-scored to the current time every renewal. So any celeriac worker
-//! can tell an abandoned message of ours (not renewed for a lease) from a Python worker's
-//! (never renewed, restored only after kombu's visibility timeout), a Python worker's own
-//! sweep never takes a live task of ours, and a delivery costs Redis no keys beyond kombu's.
+//! A delivery of ours is recorded in kombu's `unacked` and `unacked_index`, and also in
+//! `leases`; our delivery tags start with [`OWN_TAG`]. A running task's entry is re-scored to the
+//! current time in both sorted sets at every renewal. Restoring looks for ours in `leases`, which
+//! holds nothing else, so no number of other workers' entries can hide an abandoned message of
+//! ours; a Python worker's entries (never renewed) are restored only after kombu's visibility
+//! timeout, and a Python worker's own sweep never takes a live task of ours.
 //!
 //! Every step that moves a message is one Lua script or one MULTI, so a crash at any point
 //! leaves each message in exactly one place.
@@ -28,62 +29,112 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use std::time::Duration;
 
-/// Pops up to ARGV[1] messages from KEYS[3..] in order and records each in `unacked` and
-/// `unacked_index` in the same step. kombu stores `[envelope, exchange, routing_key]`; the
-/// envelope is spliced in as text so Redis does not parse it. Tags are ARGV[3] followed by a
-/// counter; the recording is one variadic HSET and one ZADD per chunk of messages.
-/// KEYS: unacked, unacked_index, lists. ARGV: max, now, tag prefix, the queue name (JSON) of
-/// each list.
+/// A dead-letter record built inside a script, in the shape of `worker::dead_letter_record`,
+/// for messages a script cannot deliver and must not drop. `dead_letter(queue, reason, error,
+/// message)` pushes it onto `<ARGV dlq prefix><queue>` and returns whether that worked.
+/// Scripts put it between their header, which sets the locals `DLQ_PREFIX` and `NOW_ISO`
+/// (Redis forbids globals), and their body.
+const LUA_DEAD_LETTER: &str = r#"
+local function dead_letter(queue, reason, err, message)
+  local ok, record = pcall(cjson.encode, {
+    reason = reason, error = err, attempts = 0, time = NOW_ISO, queue = queue,
+    task = cjson.null, id = cjson.null, worker = cjson.null,
+    message = message, message_encoding = 'utf-8'})
+  if not ok then return false end
+  return (pcall(redis.call, 'LPUSH', DLQ_PREFIX .. queue, record))
+end
+local function error_text(e)
+  if type(e) == 'table' and e.err then return e.err end
+  return tostring(e)
+end
+"#;
+
+/// Pops up to ARGV[1] messages from KEYS[4..] in order and records each in `unacked`,
+/// `unacked_index` and celeriac's lease set in the same step. kombu stores `[envelope, exchange,
+/// routing_key]`; the envelope is spliced in as text so Redis does not parse it. Tags are ARGV[3]
+/// followed by a counter; the recording is one variadic command per key per chunk of messages.
+///
+/// Nothing popped can be lost: the bookkeeping keys are checked before anything is popped (a
+/// wrong type fails the call with the key named and leaves every queue as it was), a queue key
+/// that is not a list is skipped and named in the reply, and the recording cannot fail after the
+/// checks. A message over ARGV[4] bytes is dead-lettered here, never shipped to the worker.
+/// KEYS: unacked, unacked_index, leases, lists. ARGV: max, now, tag prefix, max bytes, now (ISO),
+/// dead-letter key prefix, then for each list its queue name as JSON and as text.
+/// Returns {tag, list index, message, ...} and the skipped keys.
 const FETCH: &str = r#"
 local max = tonumber(ARGV[1])
-local out = {}
-local fields = {}
-local scores = {}
+local max_bytes = tonumber(ARGV[4])
+local NOW_ISO = ARGV[5]
+local DLQ_PREFIX = ARGV[6]
+"#;
+
+const FETCH_BODY: &str = r#"
+for k, want in ipairs({'hash', 'zset', 'zset'}) do
+  local t = redis.call('TYPE', KEYS[k]).ok
+  if t ~= 'none' and t ~= want then
+    return redis.error_reply('celeriac: key ' .. KEYS[k] .. ' holds a ' .. t .. ', not a ' .. want .. '; no message was taken')
+  end
+end
+local out, skipped, fields, scores, leases = {}, {}, {}, {}, {}
 local n = 0
 local function record()
   if #fields > 0 then
     redis.call('HSET', KEYS[1], unpack(fields))
     redis.call('ZADD', KEYS[2], unpack(scores))
+    redis.call('ZADD', KEYS[3], unpack(scores))
     fields = {}
     scores = {}
   end
 end
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   if n >= max then break end
-  local got = redis.call('RPOP', KEYS[i], max - n)
-  if got then
-    local queue_json = ARGV[3 + (i - 2)]
+  local ok, got = pcall(redis.call, 'RPOP', KEYS[i], max - n)
+  if not ok then
+    table.insert(skipped, KEYS[i])
+  elseif got then
+    local j = i - 3
+    local queue_json, queue = ARGV[5 + 2 * j], ARGV[6 + 2 * j]
     for _, m in ipairs(got) do
-      n = n + 1
-      local tag = ARGV[3] .. n
-      table.insert(fields, tag)
-      table.insert(fields, '[' .. m .. ',"",' .. queue_json .. ']')
-      table.insert(scores, ARGV[2])
-      table.insert(scores, tag)
-      table.insert(out, tag)
-      table.insert(out, i - 2)
-      table.insert(out, m)
-      if #fields >= 1000 then record() end
+      local too_big = #m > max_bytes
+      if not (too_big and dead_letter(queue, 'oversized',
+          'oversized message: ' .. #m .. ' bytes (limit ' .. max_bytes .. ')', m)) then
+        n = n + 1
+        local tag = ARGV[3] .. n
+        table.insert(fields, tag)
+        table.insert(fields, '[' .. m .. ',"",' .. queue_json .. ']')
+        table.insert(scores, ARGV[2])
+        table.insert(scores, tag)
+        table.insert(out, tag)
+        table.insert(out, j)
+        table.insert(out, m)
+        if #fields >= 1000 then record() end
+      end
     end
   end
 end
 record()
-return out
+return {out, skipped}
 "#;
 
-/// Restores, under kombu's `unacked_mutex`, entries of `unacked_index` (scored by delivery or
-/// last renewal time) that are ours (tag prefix `celeriac.`) and missed their lease renewals, or
+/// Restores, under kombu's `unacked_mutex`, deliveries of celeriac workers whose lease ran out
+/// (found in celeriac's own lease set, so any number of other entries cannot hide them) and
 /// anyone's that stayed unacked past the visibility timeout, as kombu does. Each goes back with
-/// RPUSH (served next) to its priority list, marked redelivered.
-/// KEYS: unacked, unacked_index, unacked_mutex.
-/// ARGV: lease cutoff, visibility cutoff, mutex token, global prefix, limit, own tag prefix.
+/// RPUSH (served next) to its priority list, marked redelivered. An entry that cannot be put back
+/// (not JSON, not encodable, its queue not a list) goes to a dead-letter list instead; one that
+/// cannot even be dead-lettered stays and is looked at again a lease later. The mutex is released
+/// on every path, errors included, so one bad entry cannot stop every later restore.
+/// KEYS: unacked, unacked_index, unacked_mutex, leases.
+/// ARGV: lease cutoff, visibility cutoff, mutex token, global prefix, limit, now (ISO),
+/// dead-letter key prefix, now.
 const RESTORE: &str = r#"
 if not redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', 300000) then return -1 end
-local lease_cutoff = tonumber(ARGV[1])
-local visibility_cutoff = tonumber(ARGV[2])
+local NOW_ISO = ARGV[6]
+local DLQ_PREFIX = ARGV[7]
+"#;
+
+const RESTORE_BODY: &str = r#"
 local prefix = ARGV[4]
 local limit = tonumber(ARGV[5])
-local own = ARGV[6]
 local function step_of(p)
   p = tonumber(p) or 0
   if p >= 9 then return 9 elseif p >= 6 then return 6 elseif p >= 3 then return 3 end
@@ -92,63 +143,150 @@ end
 local function queues_for(ex, rk)
   if ex == nil or ex == '' then return {rk} end
   local out = {}
-  for _, b in ipairs(redis.call('SMEMBERS', prefix .. '_kombu.binding.' .. ex)) do
+  local ok, bindings = pcall(redis.call, 'SMEMBERS', prefix .. '_kombu.binding.' .. ex)
+  if not ok then return out end
+  for _, b in ipairs(bindings) do
     local key, pattern, queue = string.match(b, '^(.-)\6\22(.-)\6\22(.*)$')
     if key == rk or key == '' then table.insert(out, queue) end
   end
   return out
 end
+local function put_back(entry)
+  local ok, v = pcall(cjson.decode, entry)
+  if not (ok and type(v) == 'table' and type(v[1]) == 'table' and type(v[3]) == 'string') then
+    local queue = string.match(entry, ',%s*"[^"]*",%s*"([^"]*)"%]$') or 'unknown'
+    return dead_letter(queue, 'unrestorable', 'unacked entry is not [envelope, exchange, routing_key]', entry), false
+  end
+  local env = v[1]
+  if type(env.headers) == 'table' then env.headers.redelivered = true end
+  local props = env.properties
+  local step = 0
+  if type(props) == 'table' then
+    step = step_of(props.priority)
+    if type(props.delivery_info) == 'table' then props.delivery_info.redelivered = true end
+  end
+  local encoded, body = pcall(cjson.encode, env)
+  if not encoded then
+    return dead_letter(v[3], 'unrestorable', 'cannot re-encode the envelope: ' .. error_text(body), entry), false
+  end
+  local queues = queues_for(v[2], v[3])
+  if #queues == 0 then
+    return dead_letter(v[3], 'unrestorable', 'no queue is bound to routing key ' .. v[3], body), false
+  end
+  for _, q in ipairs(queues) do
+    local key = prefix .. q
+    if step > 0 then key = key .. '\6\22' .. step end
+    local pushed, err = pcall(redis.call, 'RPUSH', key, body)
+    if not pushed and not dead_letter(q, 'unrestorable', key .. ': ' .. error_text(err), body) then
+      return false, false
+    end
+  end
+  return true, true
+end
 local restored = 0
 local function restore(tag)
-  local p = redis.call('HGET', KEYS[1], tag)
-  if p then
-    local ok, v = pcall(cjson.decode, p)
-    if ok and type(v) == 'table' and type(v[1]) == 'table' then
-      local env = v[1]
-      if type(env.headers) == 'table' then env.headers.redelivered = true end
-      local props = env.properties
-      local step = 0
-      if type(props) == 'table' then
-        step = step_of(props.priority)
-        if type(props.delivery_info) == 'table' then props.delivery_info.redelivered = true end
-      end
-      local body = cjson.encode(env)
-      for _, q in ipairs(queues_for(v[2], v[3])) do
-        local key = prefix .. q
-        if step > 0 then key = key .. '\6\22' .. step end
-        redis.call('RPUSH', key, body)
-      end
-      restored = restored + 1
+  local entry = redis.call('HGET', KEYS[1], tag)
+  if entry then
+    local handled, back = put_back(entry)
+    if not handled then
+      -- Nowhere to put it: keep it, and look again a lease from now.
+      redis.call('ZADD', KEYS[2], ARGV[8], tag)
+      if redis.call('ZSCORE', KEYS[4], tag) then redis.call('ZADD', KEYS[4], ARGV[8], tag) end
+      return
     end
+    if back then restored = restored + 1 end
   end
   redis.call('HDEL', KEYS[1], tag)
   redis.call('ZREM', KEYS[2], tag)
+  redis.call('ZREM', KEYS[4], tag)
 end
-local upto = math.max(lease_cutoff, visibility_cutoff)
-local found = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', upto, 'WITHSCORES', 'LIMIT', 0, limit)
-for i = 1, #found, 2 do
-  local tag, score = found[i], tonumber(found[i + 1])
-  local ours = string.sub(tag, 1, #own) == own
-  if score <= visibility_cutoff or (ours and score <= lease_cutoff) then restore(tag) end
+local function main()
+  for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[1], 'LIMIT', 0, limit)) do
+    restore(tag)
+  end
+  for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2], 'LIMIT', 0, limit)) do
+    restore(tag)
+  end
 end
+local ok, err = pcall(main)
 if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
+if not ok then return redis.error_reply('celeriac restore: ' .. error_text(err)) end
 return restored
 "#;
 
 /// Moves due members of the scheduled set (`<list key>\n<envelope>`, scored by due time in ms)
 /// onto their lists with RPUSH, so they are served next. ZREM and RPUSH happen together, so two
-/// workers moving at once cannot duplicate a message.
-/// KEYS: scheduled. ARGV: now (ms), limit, global prefix.
+/// workers moving at once cannot duplicate a message. A member whose list key is not a list, or
+/// that has no list at all, is dead-lettered rather than left first in line, where it would stop
+/// every later ETA, retry and rate-limited message; one that cannot even be dead-lettered is
+/// pushed a minute back.
+/// KEYS: scheduled. ARGV: now (ms), limit, global prefix, now (ISO), dead-letter key prefix.
 const MOVE_DUE: &str = r#"
+local NOW_ISO = ARGV[4]
+local DLQ_PREFIX = ARGV[5]
+"#;
+
+const MOVE_DUE_BODY: &str = r#"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local moved = 0
 for _, member in ipairs(due) do
   local nl = string.find(member, '\n', 1, true)
+  local handled
   if nl then
-    redis.call('RPUSH', ARGV[3] .. string.sub(member, 1, nl - 1), string.sub(member, nl + 1))
+    local list = string.sub(member, 1, nl - 1)
+    local envelope = string.sub(member, nl + 1)
+    local ok, err = pcall(redis.call, 'RPUSH', ARGV[3] .. list, envelope)
+    if ok then
+      moved = moved + 1
+      handled = true
+    else
+      local queue = string.match(list, '^(.-)\6\22%d$') or list
+      handled = dead_letter(queue, 'unroutable', 'scheduled for ' .. list .. ': ' .. error_text(err), envelope)
+    end
+  else
+    handled = dead_letter('unknown', 'unroutable', 'scheduled member names no queue', member)
   end
-  redis.call('ZREM', KEYS[1], member)
+  if handled then
+    redis.call('ZREM', KEYS[1], member)
+  else
+    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + 60000, member)
+  end
 end
-return #due
+return moved
+"#;
+
+/// Acks a batch with its follow-ups, all or nothing: every key it writes is checked for its type
+/// first, so a key of the wrong type fails the call before anything changed (a MULTI would
+/// apply every other command and fail anyway, and retrying it would apply them again).
+/// KEYS: unacked, unacked_index, leases, scheduled, then each list pushed onto.
+/// ARGV: the number of tags, the tags, then per follow-up `L, key index, value` (LPUSH) or
+/// `Z, due ms, member` (ZADD to scheduled).
+const SETTLE: &str = r#"
+for i, key in ipairs(KEYS) do
+  local want = 'list'
+  if i == 1 then want = 'hash' elseif i <= 4 then want = 'zset' end
+  local t = redis.call('TYPE', key).ok
+  if t ~= 'none' and t ~= want then
+    return redis.error_reply('WRONGTYPE celeriac: key ' .. key .. ' holds a ' .. t .. ', not a ' .. want .. '; nothing was settled')
+  end
+end
+local ntags = tonumber(ARGV[1])
+local i = ntags + 2
+while i <= #ARGV do
+  if ARGV[i] == 'L' then
+    redis.call('LPUSH', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2])
+  else
+    redis.call('ZADD', KEYS[4], ARGV[i + 1], ARGV[i + 2])
+  end
+  i = i + 3
+end
+if ntags > 0 then
+  local tags = {unpack(ARGV, 2, ntags + 1)}
+  redis.call('HDEL', KEYS[1], unpack(tags))
+  redis.call('ZREM', KEYS[2], unpack(tags))
+  redis.call('ZREM', KEYS[3], unpack(tags))
+end
+return 0
 "#;
 
 /// A token bucket refilled continuously at ARGV[1] tokens per second up to ARGV[2]; takes one
@@ -183,7 +321,12 @@ return 0
 /// How every delivery tag of a celeriac worker starts (kombu's are UUIDs).
 pub const OWN_TAG: &str = "celeriac.";
 
-/// Most `unacked_index` entries one restore pass looks at.
+/// The time as dead-letter records give it.
+fn now_iso() -> String {
+    crate::protocol::format_time(chrono::Utc::now())
+}
+
+/// Most entries one restore pass looks at in each of the lease set and `unacked_index`.
 const RESTORE_LIMIT: usize = 10_000;
 
 /// The Redis side of the broker.
@@ -195,6 +338,7 @@ pub struct RedisBroker {
     fetch: Script,
     restore: Script,
     move_due: Script,
+    settle: Script,
     take_token: Script,
     dlq_replay: Script,
 }
@@ -225,9 +369,10 @@ impl RedisBroker {
             url: url.to_string(),
             conn: connect(url).await?,
             opts,
-            fetch: Script::new(FETCH),
-            restore: Script::new(RESTORE),
-            move_due: Script::new(MOVE_DUE),
+            fetch: Script::new(&format!("{FETCH}{LUA_DEAD_LETTER}{FETCH_BODY}")),
+            restore: Script::new(&format!("{RESTORE}{LUA_DEAD_LETTER}{RESTORE_BODY}")),
+            move_due: Script::new(&format!("{MOVE_DUE}{LUA_DEAD_LETTER}{MOVE_DUE_BODY}")),
+            settle: Script::new(SETTLE),
             take_token: Script::new(TAKE_TOKEN),
             dlq_replay: Script::new(DLQ_REPLAY),
         })
@@ -292,17 +437,20 @@ impl RedisBroker {
         Ok(scores.into_iter().map(|s| s.is_some_and(|e| e > now)).collect())
     }
 
-    /// Sets the `unacked_index` time of the tags still there.
+    /// Sets the `unacked_index` and lease time of the tags still there.
     async fn rescore(&self, tags: &[String], time: f64) -> BrokerResult<()> {
         if tags.is_empty() {
             return Ok(());
         }
-        let mut cmd = redis::cmd("ZADD");
-        cmd.arg(self.key("unacked_index")).arg("XX");
-        for t in tags {
-            cmd.arg(time).arg(t);
+        let mut pipe = redis::pipe();
+        for key in [self.key("unacked_index"), self.own("leases")] {
+            let cmd = pipe.cmd("ZADD").arg(key).arg("XX");
+            for t in tags {
+                cmd.arg(time).arg(t);
+            }
+            cmd.ignore();
         }
-        Ok(cmd.query_async(&mut self.conn.clone()).await?)
+        Ok(pipe.query_async(&mut self.conn.clone()).await?)
     }
 
     /// The lists of `queues` in fetch order: each queue's priority steps before the next queue
@@ -338,43 +486,82 @@ impl Broker for RedisBroker {
         tag_prefix: &str,
     ) -> BrokerResult<Vec<Delivery>> {
         let (lists, queue_of) = self.fetch_keys(queues);
-        let now = now_secs();
         let mut inv = self.fetch.prepare_invoke();
-        inv.key(self.key("unacked")).key(self.key("unacked_index"));
+        inv.key(self.key("unacked")).key(self.key("unacked_index")).key(self.own("leases"));
         for k in &lists {
             inv.key(k);
         }
-        inv.arg(max).arg(now).arg(format!("{OWN_TAG}{tag_prefix}"));
+        inv.arg(max)
+            .arg(now_secs())
+            .arg(format!("{OWN_TAG}{tag_prefix}"))
+            .arg(crate::protocol::MAX_MESSAGE_BYTES)
+            .arg(now_iso())
+            .arg(self.dlq_key(""));
         for q in &queue_of {
-            inv.arg(serde_json::Value::String(q.clone()).to_string());
+            inv.arg(serde_json::Value::String(q.clone()).to_string()).arg(q);
         }
-        let flat: Vec<redis::Value> = inv.invoke_async(&mut self.conn.clone()).await?;
+        let (flat, skipped): (Vec<redis::Value>, Vec<String>) =
+            inv.invoke_async(&mut self.conn.clone()).await?;
+        for key in skipped {
+            tracing::warn!("key {key:?} is not a list, so it cannot be a queue: skipped it");
+        }
         let mut out = Vec::with_capacity(flat.len() / 3);
         let mut it = flat.into_iter();
         while let (Some(tag), Some(index), Some(payload)) = (it.next(), it.next(), it.next()) {
             let tag: String = redis::from_redis_value(&tag)?;
             let index: usize = redis::from_redis_value(&index)?;
             let payload: Vec<u8> = redis::from_redis_value(&payload)?;
-            let queue = queue_of.get(index - 1).cloned().unwrap_or_default();
+            let queue = queue_of.get(index.wrapping_sub(1)).cloned().unwrap_or_default();
             out.push(Delivery { tag, queue, payload });
         }
         Ok(out)
     }
 
-    async fn settle(&self, batch: &[(String, Vec<FollowUp>)]) -> BrokerResult<()> {
+    async fn settle(&self, batch: &[(&str, &[FollowUp])]) -> BrokerResult<()> {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for f in batch.iter().flat_map(|(_, follow_ups)| follow_ups) {
-            self.follow_up_into(&mut pipe, f);
+        let mut inv = self.settle.prepare_invoke();
+        inv.key(self.key("unacked"))
+            .key(self.key("unacked_index"))
+            .key(self.own("leases"))
+            .key(self.own("scheduled"));
+        inv.arg(batch.len());
+        for (tag, _) in batch {
+            inv.arg(*tag);
         }
-        // One variadic command per key for the whole batch: Redis work per ack stays small.
-        let tags: Vec<&str> = batch.iter().map(|(t, _)| t.as_str()).collect();
-        pipe.hdel(self.key("unacked"), &tags).ignore();
-        pipe.zrem(self.key("unacked_index"), &tags).ignore();
-        Ok(pipe.query_async(&mut self.conn.clone()).await?)
+        // Each list the batch pushes onto is passed as a key, so the script can check its type
+        // before it writes anything; a follow-up names it by its position.
+        let mut lists: Vec<String> = Vec::new();
+        let mut slot = |inv: &mut redis::ScriptInvocation<'_>, key: String| {
+            let at = lists.iter().position(|k| *k == key).unwrap_or_else(|| {
+                inv.key(&key);
+                lists.push(key);
+                lists.len() - 1
+            });
+            at + 5
+        };
+        for f in batch.iter().flat_map(|(_, follow_ups)| follow_ups.iter()) {
+            match f {
+                FollowUp::Publish { queue, priority, envelope } => {
+                    let at = slot(&mut inv, self.key(&priority_list(queue, *priority)));
+                    inv.arg("L").arg(at).arg(envelope);
+                }
+                FollowUp::DeadLetter { queue, record } => {
+                    let at = slot(&mut inv, self.dlq_key(queue));
+                    inv.arg("L").arg(at).arg(record);
+                }
+                FollowUp::Schedule { queue, priority, envelope, due_ms } => {
+                    let member = format!("{}\n{envelope}", priority_list(queue, *priority));
+                    inv.arg("Z").arg(*due_ms).arg(member);
+                }
+            }
+        }
+        Ok(inv.invoke_async(&mut self.conn.clone()).await?)
+    }
+
+    async fn ping(&self) -> BrokerResult<()> {
+        Ok(redis::cmd("PING").query_async(&mut self.conn.clone()).await?)
     }
 
     async fn send(&self, items: &[FollowUp]) -> BrokerResult<()> {
@@ -403,12 +590,15 @@ impl Broker for RedisBroker {
             .key(self.key("unacked"))
             .key(self.key("unacked_index"))
             .key(self.key("unacked_mutex"))
+            .key(self.own("leases"))
             .arg(now - self.opts.lease.as_secs_f64())
             .arg(now - self.opts.visibility_timeout.as_secs_f64())
             .arg(uuid::Uuid::new_v4().to_string())
             .arg(&self.opts.global_prefix)
             .arg(RESTORE_LIMIT)
-            .arg(OWN_TAG)
+            .arg(now_iso())
+            .arg(self.dlq_key(""))
+            .arg(now)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok((n >= 0).then_some(n as u64))
@@ -421,6 +611,8 @@ impl Broker for RedisBroker {
             .arg(now_ms())
             .arg(1000)
             .arg(&self.opts.global_prefix)
+            .arg(now_iso())
+            .arg(self.dlq_key(""))
             .invoke_async(&mut self.conn.clone())
             .await?)
     }

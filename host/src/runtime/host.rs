@@ -189,6 +189,15 @@ impl enqueue::Host for TaskState {
         if !args.is_array() || !kwargs.is_object() {
             return Err(HostError::Invalid("child args must be a list, kwargs an object".into()));
         }
+        if let Some(queue) = &options.queue {
+            crate::broker::check_queue_name(queue).map_err(HostError::Denied)?;
+            if !t.grants.child_queues.iter().any(|pattern| glob_match(pattern, queue)) {
+                return Err(HostError::Denied(format!(
+                    "task {} may not send to queue {queue:?} (allowed: {:?})",
+                    t.name, t.grants.child_queues
+                )));
+            }
+        }
         if options.priority.is_some_and(|p| p > 9) {
             return Err(HostError::Invalid("priority must be 0-9".into()));
         }

@@ -58,6 +58,10 @@ pub struct Grants {
     pub kv: Option<String>,
     /// Task names (globs such as `indexing.*`) the task may enqueue.
     pub enqueue: Vec<String>,
+    /// Queues a child may be sent to by name (globs): the registry fills in the task's own
+    /// queue and those of the tasks it may enqueue; the config's `enqueue_queues` adds more.
+    /// A child sent without a queue goes to its own task's queue.
+    pub child_queues: Vec<String>,
     /// Host folders the task sees, and nothing else of the filesystem.
     pub preopens: Vec<Preopen>,
 }
@@ -373,8 +377,8 @@ impl Runtime {
                 grants: Arc::new(grants),
                 kv: env.kv,
                 signals: env.signals,
-                soft_deadline: limits.soft_time_limit.map(|d| now + d),
-                hard_deadline: now + limits.hard_time_limit,
+                soft_deadline: limits.soft_time_limit.map(|d| deadline(now, d)),
+                hard_deadline: deadline(now, limits.hard_time_limit),
                 children: Vec::new(),
                 progress: env.progress,
             },
@@ -451,7 +455,8 @@ impl Runtime {
             };
             // A guest blocked in a host call (a sleep, a slow store) is not at an epoch check;
             // this outer timeout catches it.
-            tokio::time::timeout(limits.hard_time_limit + limits::HARD_LIMIT_GRACE, run).await
+            let outer = limits.hard_time_limit.saturating_add(limits::HARD_LIMIT_GRACE);
+            tokio::time::timeout(outer, run).await
         };
         report.wall = started.elapsed();
         report.peak_memory = store.data().limiter.peak;
@@ -532,6 +537,12 @@ fn check_result(json: String, max: usize) -> Outcome {
         Ok(_) => Outcome::Success { result: json },
         Err(e) => Outcome::HostError { message: format!("task returned invalid JSON: {e}") },
     }
+}
+
+/// `now + limit`, or a century from now for a limit too long to add.
+fn deadline(now: Instant, limit: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(limit.min(CENTURY)).unwrap_or(now)
 }
 
 /// The clock a task sees when it is not granted clocks.

@@ -22,17 +22,21 @@ task! {
         let start = Instant::now();
         let total = Duration::from_millis(ms);
         let mut reported = 0;
-        while start.elapsed() < total {
+        loop {
+            // Read the clock once per round: the time left is computed from the same reading
+            // that decided the loop goes on, so it can never be negative.
+            let elapsed = start.elapsed();
+            let Some(left) = total.checked_sub(elapsed).filter(|l| !l.is_zero()) else { break };
             if cx.cancelled() {
                 return Err(TaskError::fail("SoftTimeLimitExceeded", "cancelled while sleeping"));
             }
-            let elapsed = start.elapsed().as_millis() as u64;
-            if elapsed / 100 > reported {
-                reported = elapsed / 100;
+            let elapsed_ms = elapsed.as_millis() as u64;
+            if elapsed_ms / 100 > reported {
+                reported = elapsed_ms / 100;
                 // Progress is optional: without the grant the task just sleeps.
-                let _ = cx.progress("PROGRESS", &celeriac_sdk::serde_json::json!({"elapsed_ms": elapsed, "total_ms": ms}));
+                let _ = cx.progress("PROGRESS", &celeriac_sdk::serde_json::json!({"elapsed_ms": elapsed_ms, "total_ms": ms}));
             }
-            std::thread::sleep((total - start.elapsed()).min(Duration::from_millis(10)));
+            std::thread::sleep(left.min(Duration::from_millis(10)));
         }
         Ok(start.elapsed().as_millis() as u64)
     }
