@@ -16,7 +16,6 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// A Celery-compatible task worker that runs every task in a WebAssembly sandbox.
@@ -387,17 +386,25 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
         visibility_timeout: args.visibility_timeout.0,
     };
     let broker = RedisBroker::connect(&config.broker, opts).await?;
+    broker.check_version().await?;
     let results =
         ResultBackend::connect(&config.result_backend, prefix, args.result_expires.0).await?;
     let kv = KvStore::redis(broker.conn(), prefix);
-    let queues = if named.is_empty() {
+    for q in &named {
+        crate::broker::check_queue_name(q).map_err(|e| anyhow::anyhow!("-Q: {e}"))?;
+    }
+    // Without -Q: every queue the tasks are routed to, plus Celery's default, taking equal
+    // turns. Strict order would let a busy queue early in the list starve the later ones.
+    let (queues, weights) = if named.is_empty() {
         let mut q: Vec<String> = registry.tasks().map(|e| e.spec.queue.clone()).collect();
         q.push("celery".into());
         q.sort();
         q.dedup();
-        q
+        let equal = vec![1; q.len()];
+        eprintln!("consuming {} in equal turns (-Q to choose)", q.join(", "));
+        (q, equal)
     } else {
-        named
+        (named, weights)
     };
     let hostname = args.hostname.unwrap_or_else(|| format!("celeriac@{}", protocol::hostname()));
     let options = WorkerOptions {
@@ -410,21 +417,25 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
         weights,
     };
     let w = Worker::new(registry, broker, results, kv, options);
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
+    let (shutdown, force) = (CancellationToken::new(), CancellationToken::new());
+    let (signal, forced) = (shutdown.clone(), force.clone());
+    // The first SIGTERM or SIGINT stops fetching and lets running tasks finish within --grace;
+    // a second one stops them now and hands them back to their queues.
     tokio::spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 Ok(t) => t,
                 Err(_) => return,
             };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        for token in [signal, forced] {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            token.cancel();
         }
-        signal.cancel();
     });
-    w.clone().run(shutdown).await?;
+    w.clone().run_until(shutdown, force).await?;
     eprintln!("stopped: {}", w.stats);
     Ok(0)
 }
@@ -576,11 +587,11 @@ async fn run(config: &Config, mut args: RunArgs) -> anyhow::Result<i32> {
     let mut first = true;
     let mut exit = 0;
     while let Some(invocation) = pending.pop_front() {
-        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
+        let (progress_tx, progress_rx) = crate::runtime::progress_channel();
         let env = RunEnv { kv: Some(kv.clone()), progress: Some(progress_tx), ..RunEnv::default() };
         let report = registry.run(&invocation, env).await?;
-        while let Ok(p) = progress_rx.try_recv() {
-            eprintln!("progress: {} {}", p.state, p.meta);
+        if let (_, Some(p)) = &*progress_rx.borrow() {
+            eprintln!("last progress: {} {}", p.state, p.meta);
         }
         if !first {
             println!();

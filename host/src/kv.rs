@@ -14,6 +14,9 @@ pub const MAX_KEY_BYTES: usize = 1024;
 /// Largest value a task may store, in bytes: big enough for an index shard, small enough that a
 /// runaway task cannot fill the store in one call.
 pub const MAX_VALUE_BYTES: usize = 8 << 20;
+/// Most members one `set_add` call may add, and their most bytes in all: the same bound on what
+/// one call can store as [`MAX_VALUE_BYTES`] puts on `set`.
+pub const MAX_SET_ADD_MEMBERS: usize = 100_000;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +172,14 @@ impl KvStore {
 
     /// Adds members to a set; returns how many were new.
     pub async fn set_add(&self, ns: &str, key: &str, members: &[String]) -> Result<u32, KvError> {
+        let bytes: usize = members.iter().map(String::len).sum();
+        if members.len() > MAX_SET_ADD_MEMBERS || bytes > MAX_VALUE_BYTES {
+            return Err(KvError::Invalid(format!(
+                "set_add of {} members ({bytes} bytes) exceeds {MAX_SET_ADD_MEMBERS} members or \
+                 {MAX_VALUE_BYTES} bytes per call",
+                members.len()
+            )));
+        }
         if let Some((mut c, k)) = self.remote(ns, key)? {
             if members.is_empty() {
                 return Ok(0);

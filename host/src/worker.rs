@@ -14,7 +14,7 @@ use crate::kv::KvStore;
 use crate::protocol::{self, NewTask, Poison, TaskMessage, states};
 use crate::registry::Registry;
 use crate::results::StoredResult;
-use crate::runtime::{Invocation, Outcome, RunEnv, RunReport, Signals};
+use crate::runtime::{Invocation, Outcome, RunEnv, RunReport, Signals, printable};
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt as _;
 use serde_json::{Value, json};
@@ -44,6 +44,8 @@ const FETCHERS: usize = 2;
 const MAINTENANCE_TICK: Duration = Duration::from_millis(250);
 /// Longest the mirrored revoked set goes without a full copy from Redis.
 const REVOKED_FULL_REFRESH: Duration = Duration::from_secs(5);
+/// Shortest time between two stored progress reports of one task.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 /// How often expired leases are restored.
 const RESTORE_EVERY: Duration = Duration::from_secs(2);
 
@@ -188,6 +190,17 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     /// Runs until `shutdown` is cancelled, then lets running tasks finish within the grace
     /// period and hands the rest back to their queues.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.run_until(shutdown, CancellationToken::new()).await
+    }
+
+    /// [`run`](Self::run), where cancelling `force` during the shutdown cuts the grace period
+    /// short: running tasks are stopped and handed back at once, and results still waiting for
+    /// an unreachable Redis are given up (their messages return after their leases).
+    pub async fn run_until(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+        force: CancellationToken,
+    ) -> anyhow::Result<()> {
         self.broker.declare(&self.opts.queues).await?;
         self.refresh_revoked().await;
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
@@ -230,15 +243,22 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             self.opts.grace,
             tasks.len()
         );
-        if tokio::time::timeout(self.opts.grace, tasks.wait()).await.is_err() {
+        let finished = tokio::select! {
+            done = tokio::time::timeout(self.opts.grace, tasks.wait()) => done.is_ok(),
+            _ = force.cancelled() => false,
+        };
+        if !finished {
             for r in self.running().values() {
                 r.signals.terminate();
             }
             tasks.wait().await;
         }
-        // Every handled message is settled before the worker stops.
+        // Every handled message is settled before the worker stops, unless told to go now.
         self.settle_tx.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let _ = settler.await;
+        tokio::select! {
+            _ = settler => {}
+            _ = force.cancelled() => warn!("stopping without waiting for Redis to take the last results"),
+        }
         stop_maintenance.cancel();
         control.abort();
         let _ = maintenance.await;
@@ -376,7 +396,12 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         if let Some(r) = self.running().get_mut(&d.tag) {
             r.id = msg.id.clone();
         }
-        let span = info_span!("task", task.id = %msg.id, task.name = %msg.task);
+        // Ids and names come from the producer: escaped, so they cannot forge log lines.
+        let span = info_span!(
+            "task",
+            task.id = %printable(&msg.id),
+            task.name = %printable(&msg.task)
+        );
         async move {
             // Unknown task: nobody here can run it. Fail it visibly rather than drop it.
             let Ok(entry) = self.registry.get(&msg.task) else {
@@ -457,7 +482,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             // late PROGRESS cannot overwrite a FAILURE or RETRY.
             let (progress, reports) = match entry.spec.grants.progress {
                 true => {
-                    let (tx, rx) = mpsc::unbounded_channel();
+                    let (tx, rx) = crate::runtime::progress_channel();
                     (Some(tx), Some(rx))
                 }
                 false => (None, None),
@@ -471,7 +496,15 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 env,
             );
             let report = match reports {
-                Some(reports) => tokio::join!(run, self.store_progress(reports)).0,
+                Some(reports) => {
+                    let done = CancellationToken::new();
+                    let run = async {
+                        let report = run.await;
+                        done.cancel();
+                        report
+                    };
+                    tokio::join!(run, self.store_progress(reports, &done)).0
+                }
                 None => run.await,
             };
             info!(
@@ -596,15 +629,39 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         id
     }
 
-    /// Stores each progress report as the reporting task's state (a custom state name with its
-    /// meta as the result, like Celery's `update_state`), until the run drops its sender. The
-    /// reports go through the settler, in order with STARTED before them and the final state
-    /// after them.
-    async fn store_progress(&self, mut reports: mpsc::UnboundedReceiver<crate::runtime::Progress>) {
-        while let Some(p) = reports.recv().await {
-            let meta = protocol::result_meta(&p.task_id, &p.state, p.meta, None, &[]);
-            let results = vec![StoredResult { id: p.task_id, meta }];
-            self.to_settler(Settlement { delivery: None, results, then: vec![] }).await;
+    /// Stores the task's latest progress report as its state (a custom state name with its meta
+    /// as the result, like Celery's `update_state`), at most every `PROGRESS_INTERVAL`, until
+    /// the run is `done`; the last report is stored then. The reports go through the settler, in
+    /// order after STARTED and before the final state. A task reporting in a tight loop costs
+    /// one Redis write per interval, not one per report.
+    async fn store_progress(
+        &self,
+        mut reports: crate::runtime::ProgressReceiver,
+        done: &CancellationToken,
+    ) {
+        let mut stored = 0;
+        loop {
+            let finished = tokio::select! {
+                changed = reports.changed() => changed.is_err(),
+                _ = done.cancelled() => true,
+            };
+            let latest = {
+                let report = reports.borrow_and_update();
+                (report.0 > stored).then(|| report.clone())
+            };
+            if let Some((seq, Some(p))) = latest {
+                stored = seq;
+                let meta = protocol::result_meta(&p.task_id, &p.state, p.meta, None, &[]);
+                let results = vec![StoredResult { id: p.task_id, meta }];
+                self.to_settler(Settlement { delivery: None, results, then: vec![] }).await;
+            }
+            if finished {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(PROGRESS_INTERVAL) => {}
+                _ = done.cancelled() => {}
+            }
         }
     }
 
@@ -687,7 +744,8 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         results: Vec<StoredResult>,
     ) -> Disposition {
         let attempts = msg.retries.saturating_add(1);
-        warn!(queue = %d.queue, reason, "dead-lettering after {attempts} attempts: {error}");
+        let shown = printable(error);
+        warn!(queue = %printable(&d.queue), reason, "dead-lettering after {attempts} attempts: {shown}");
         let record = dead_letter_record(d, Some(msg), reason, error, attempts, &self.opts.hostname);
         let then = vec![FollowUp::DeadLetter { queue: d.queue.clone(), record }];
         Disposition::Finish { results, then }
@@ -780,9 +838,10 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     }
 
     /// Settles, as a dead letter, a message Redis refused to settle as it ended (its result too
-    /// large to store, a key its follow-ups needed of the wrong type): FAILURE with the reason,
-    /// and the message, untouched, in its queue's dead-letter list. Progress states Redis
-    /// refused are dropped with a warning; the final state follows them anyway.
+    /// large to store, a key its follow-ups needed of the wrong type): FAILURE with the reason
+    /// (unless a SUCCESS was already stored: the task did run, and stays succeeded), and the
+    /// message, untouched, in its queue's dead-letter list, from where it can be replayed.
+    /// Progress states Redis refused are dropped with a warning; the final state follows them.
     async fn settle_refused(&self, refused: Settlement, error: crate::broker::BrokerError) {
         let Some(d) = refused.delivery else {
             return warn!(

@@ -4,6 +4,7 @@ mod broker;
 mod cli;
 mod config;
 mod faults;
+mod hardening;
 mod interop;
 mod sandbox;
 mod scripts;

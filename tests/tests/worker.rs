@@ -81,6 +81,16 @@ async fn start_tracking(
     lease: Duration,
     track_started: bool,
 ) -> TestWorker {
+    start_with(redis, config, concurrency, lease, |o| o.track_started = track_started).await
+}
+
+pub(crate) async fn start_with(
+    redis: &RedisServer,
+    config: Config,
+    concurrency: usize,
+    lease: Duration,
+    tweak: impl FnOnce(&mut WorkerOptions),
+) -> TestWorker {
     let registry = Arc::new(Registry::load(&config, concurrency as u32).await.unwrap());
     let broker = broker(redis, lease).await;
     let kv = KvStore::redis(broker.conn(), "");
@@ -90,9 +100,11 @@ async fn start_tracking(
         hostname: "celeriac@test".into(),
         grace: Duration::from_secs(5),
         revoke_ttl: Duration::from_secs(600),
-        track_started,
+        track_started: true,
         weights: Vec::new(),
     };
+    let mut opts = opts;
+    tweak(&mut opts);
     let worker = Worker::new(registry, broker, results(redis).await, kv, opts);
     let stop = CancellationToken::new();
     let handle = tokio::spawn(worker.clone().run(stop.clone()));

@@ -378,6 +378,27 @@ impl RedisBroker {
         })
     }
 
+    /// Fails with a clear message unless the server is Redis 6.2 or newer: the scripts pop with
+    /// `RPOP key count` and revocation checks use `ZMSCORE`, both new in 6.2.
+    pub async fn check_version(&self) -> anyhow::Result<()> {
+        let info: String =
+            redis::cmd("INFO").arg("server").query_async(&mut self.conn.clone()).await?;
+        let version = info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .map(str::trim)
+            .unwrap_or("unknown");
+        let parts: Vec<u32> = version.split('.').filter_map(|p| p.parse().ok()).collect();
+        if parts.len() >= 2 && (parts[0], parts[1]) < (6, 2) {
+            anyhow::bail!(
+                "the broker at {} runs Redis {version}; celeriac needs Redis 6.2 or newer \
+                 (RPOP with a count, ZMSCORE)",
+                self.url
+            );
+        }
+        Ok(())
+    }
+
     /// A key with the global prefix.
     pub fn key(&self, name: &str) -> String {
         format!("{}{name}", self.opts.global_prefix)

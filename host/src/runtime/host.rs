@@ -4,12 +4,11 @@
 
 use super::bindings::celeriac::task::{control, enqueue, kv, log, types};
 use super::limits::MemoryLimiter;
-use super::outcome::{ChildTask, Progress};
+use super::outcome::{ChildTask, Progress, ProgressSender};
 use super::{Grants, Signals};
 use crate::kv::{KvError, KvStore};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -19,6 +18,16 @@ use types::HostError;
 pub const MAX_CHILDREN: usize = 10_000;
 /// Largest args + kwargs of one child, in bytes.
 pub const MAX_CHILD_PAYLOAD: usize = 1 << 20;
+/// Largest args + kwargs of all of one run's children together: they are held in memory and
+/// sent in one step with the parent's ack.
+pub const MAX_CHILDREN_BYTES: usize = 16 << 20;
+/// Longest task name a child may have.
+pub const MAX_TASK_NAME: usize = 256;
+/// Guest log lines a run may write at once, and per second after that; the rest are counted
+/// and reported as dropped when the run ends.
+pub const LOG_BURST: u32 = 200;
+/// See [`LOG_BURST`].
+pub const LOG_PER_SECOND: u32 = 50;
 /// Largest progress metadata, in bytes; it is published on every call.
 pub const MAX_PROGRESS_META: usize = 64 << 10;
 
@@ -41,7 +50,52 @@ pub struct TaskContext {
     pub(crate) soft_deadline: Option<Instant>,
     pub(crate) hard_deadline: Instant,
     pub(crate) children: Vec<ChildTask>,
-    pub(crate) progress: Option<mpsc::UnboundedSender<Progress>>,
+    /// Bytes of args and kwargs of `children`.
+    pub(crate) children_bytes: usize,
+    pub(crate) progress: Option<ProgressSender>,
+    pub(crate) log_budget: LogBudget,
+}
+
+/// A token bucket for one run's guest log lines.
+#[derive(Debug)]
+pub(crate) struct LogBudget {
+    tokens: f64,
+    at: Instant,
+    /// Lines dropped for being over budget.
+    pub(crate) dropped: u64,
+}
+
+impl LogBudget {
+    pub(crate) fn new() -> Self {
+        LogBudget { tokens: f64::from(LOG_BURST), at: Instant::now(), dropped: 0 }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * f64::from(LOG_PER_SECOND);
+        self.tokens = (self.tokens + refill).min(f64::from(LOG_BURST));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.dropped += 1;
+            false
+        }
+    }
+}
+
+/// `text` with control characters (newlines among them) escaped, so text from a task or a
+/// producer cannot forge log lines.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+            .collect(),
+    )
 }
 
 impl TaskContext {
@@ -75,12 +129,13 @@ impl types::Host for TaskState {}
 
 impl log::Host for TaskState {
     async fn log(&mut self, level: log::Level, message: String) {
-        if !self.task.grants.log {
+        if !self.task.grants.log || !self.task.log_budget.take() {
             return;
         }
         // Cap a line so a guest cannot flood the host log with one giant message.
         let message: String = message.chars().take(4096).collect();
-        let (id, name) = (&self.task.id, &self.task.name);
+        let message = printable(&message);
+        let (id, name) = (printable(&self.task.id), &self.task.name);
         match level {
             log::Level::Trace => tracing::trace!(task.id = %id, task.name = %name, "{message}"),
             log::Level::Debug => tracing::debug!(task.id = %id, task.name = %name, "{message}"),
@@ -110,9 +165,13 @@ impl control::Host for TaskState {
         let meta = serde_json::from_str(&meta)
             .map_err(|e| HostError::Invalid(format!("progress meta is not JSON: {e}")))?;
         if let Some(tx) = &t.progress {
-            // The receiver is gone only when nobody watches progress any more; that is not the
-            // task's problem.
-            let _ = tx.send(Progress { task_id: t.id.clone(), state, meta });
+            // Replaces the previous report if the reader has not taken it yet: a task reporting
+            // in a tight loop costs one report of memory, and the store sees the latest.
+            let report = Progress { task_id: t.id.clone(), state, meta };
+            tx.send_modify(|(seq, latest)| {
+                *seq += 1;
+                *latest = Some(report);
+            });
         }
         Ok(())
     }
@@ -171,15 +230,26 @@ impl enqueue::Host for TaskState {
     ) -> Result<String, HostError> {
         let t = &mut self.task;
         t.live()?;
+        if name.is_empty() || name.len() > MAX_TASK_NAME || name.chars().any(char::is_control) {
+            return Err(HostError::Invalid(format!(
+                "a child's task name must be 1 to {MAX_TASK_NAME} bytes without control characters"
+            )));
+        }
         if !t.grants.enqueue.iter().any(|pattern| glob_match(pattern, &name)) {
             return Err(HostError::Denied(format!("task {} may not enqueue {name}", t.name)));
         }
         if t.children.len() >= MAX_CHILDREN {
             return Err(HostError::Invalid(format!("more than {MAX_CHILDREN} child tasks")));
         }
-        if args.len() + kwargs.len() > MAX_CHILD_PAYLOAD {
+        let payload = args.len() + kwargs.len();
+        if payload > MAX_CHILD_PAYLOAD {
             return Err(HostError::Invalid(format!(
                 "child arguments exceed {MAX_CHILD_PAYLOAD} bytes"
+            )));
+        }
+        if t.children_bytes + payload > MAX_CHILDREN_BYTES {
+            return Err(HostError::Invalid(format!(
+                "the children of one run may carry at most {MAX_CHILDREN_BYTES} bytes of arguments"
             )));
         }
         let args: serde_json::Value = serde_json::from_str(&args)
@@ -202,6 +272,7 @@ impl enqueue::Host for TaskState {
             return Err(HostError::Invalid("priority must be 0-9".into()));
         }
         let id = uuid::Uuid::new_v4().to_string();
+        t.children_bytes += payload;
         t.children.push(ChildTask {
             id: id.clone(),
             name,

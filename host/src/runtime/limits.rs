@@ -27,7 +27,7 @@ pub const HARD_LIMIT_GRACE: Duration = Duration::from_millis(100);
 /// is up to this much resident memory per pool slot.
 pub const KEEP_RESIDENT: usize = 1 << 20;
 
-/// Guest stdout/stderr kept per run (the tail is shown after a trap).
+/// Guest stdout/stderr kept per run: the last bytes, shown after a trap.
 pub const OUTPUT_CAPTURE_BYTES: usize = 16 << 10;
 
 /// The caps of one run, resolved from the task's `describe`, the config file and flags.

@@ -6,11 +6,19 @@ mod cache;
 mod host;
 mod limits;
 mod outcome;
+mod output;
 
 pub use cache::{Compiled, cache_key};
-pub use host::{MAX_CHILD_PAYLOAD, MAX_CHILDREN, TaskState, glob_match};
+pub use host::{
+    LOG_BURST, LOG_PER_SECOND, MAX_CHILD_PAYLOAD, MAX_CHILDREN, MAX_CHILDREN_BYTES, MAX_TASK_NAME,
+    TaskState, glob_match, printable,
+};
 pub use limits::{EPOCH_TICK, Limits, MemoryLimiter};
-pub use outcome::{ChildTask, Outcome, Progress, RunReport};
+pub use outcome::{
+    ChildTask, MAX_ERROR_TEXT, MAX_EXC_TYPE, Outcome, Progress, ProgressReceiver, ProgressSender,
+    RunReport, cap_text, progress_channel,
+};
+pub use output::OutputTail;
 
 use anyhow::Context as _;
 use host::TaskContext;
@@ -18,13 +26,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
     UpdateDeadline, WasmBacktrace,
 };
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 /// Host bindings for `wit/task.wit`; the only `bindgen!` on the host side.
@@ -84,7 +90,9 @@ pub struct Signals(Arc<SignalFlags>);
 #[derive(Debug, Default)]
 struct SignalFlags {
     cancel: AtomicBool,
-    terminate: AtomicBool,
+    /// Read at every epoch check while the guest computes, and raced against the whole call, so
+    /// a guest waiting in a host call (a sleep, a slow store) is stopped too.
+    terminate: tokio_util::sync::CancellationToken,
 }
 
 impl Signals {
@@ -92,16 +100,17 @@ impl Signals {
     pub fn cancel(&self) {
         self.0.cancel.store(true, Ordering::Relaxed);
     }
-    /// Stops the instance at its next epoch check.
+    /// Stops the instance now: at its next epoch check if it is computing, at once if it is
+    /// waiting in a host call.
     pub fn terminate(&self) {
         self.cancel();
-        self.0.terminate.store(true, Ordering::Relaxed);
+        self.0.terminate.cancel();
     }
     fn is_cancelled(&self) -> bool {
         self.0.cancel.load(Ordering::Relaxed)
     }
     fn is_terminated(&self) -> bool {
-        self.0.terminate.load(Ordering::Relaxed)
+        self.0.terminate.is_cancelled()
     }
 }
 
@@ -186,8 +195,8 @@ pub struct Invocation {
 pub struct RunEnv {
     /// The store behind the `kv` grant.
     pub kv: Option<crate::kv::KvStore>,
-    /// Where progress reports go.
-    pub progress: Option<mpsc::UnboundedSender<Progress>>,
+    /// Where progress reports go (the latest one wins).
+    pub progress: Option<ProgressSender>,
     /// Revocation signals.
     pub signals: Signals,
 }
@@ -344,7 +353,7 @@ impl Runtime {
         name: &str,
         grants: Grants,
         env: RunEnv,
-        output: Option<&MemoryOutputPipe>,
+        output: Option<&OutputTail>,
     ) -> anyhow::Result<Store<TaskState>> {
         let mut wasi = WasiCtxBuilder::new();
         if let Some(pipe) = output {
@@ -380,7 +389,9 @@ impl Runtime {
                 soft_deadline: limits.soft_time_limit.map(|d| deadline(now, d)),
                 hard_deadline: deadline(now, limits.hard_time_limit),
                 children: Vec::new(),
+                children_bytes: 0,
                 progress: env.progress,
+                log_budget: host::LogBudget::new(),
             },
         };
         let mut store = Store::new(&self.engine, state);
@@ -415,7 +426,7 @@ impl Runtime {
         env: RunEnv,
     ) -> RunReport {
         let started = Instant::now();
-        let output = MemoryOutputPipe::new(limits::OUTPUT_CAPTURE_BYTES);
+        let output = OutputTail::new(limits::OUTPUT_CAPTURE_BYTES);
         let mut report = RunReport {
             outcome: Outcome::HostError { message: String::new() },
             wall: Duration::ZERO,
@@ -445,6 +456,7 @@ impl Runtime {
             retries: invocation.retries,
             soft_deadline_ms: limits.soft_time_limit.map(|d| d.as_millis() as u64),
         };
+        let terminated = store.data().task.signals.0.terminate.clone();
         let result = {
             let run = async {
                 let task = match module.pre.instantiate_async(&mut store).await {
@@ -456,7 +468,12 @@ impl Runtime {
             // A guest blocked in a host call (a sleep, a slow store) is not at an epoch check;
             // this outer timeout catches it.
             let outer = limits.hard_time_limit.saturating_add(limits::HARD_LIMIT_GRACE);
-            tokio::time::timeout(outer, run).await
+            tokio::select! {
+                result = tokio::time::timeout(outer, run) => result,
+                // Dropping the call abandons the instance wherever it is; the store is thrown
+                // away below in any case.
+                _ = terminated.cancelled() => Ok(Err(Ok(Interrupt::Terminated.into()))),
+            }
         };
         report.wall = started.elapsed();
         report.peak_memory = store.data().limiter.peak;
@@ -464,7 +481,17 @@ impl Runtime {
             let left = store.get_fuel().unwrap_or(0);
             report.fuel_used = Some(limits.fuel.unwrap_or(u64::MAX) - left);
         }
-        report.output = String::from_utf8_lossy(&output.contents()).into_owned();
+        report.output = output.contents();
+        let dropped = store.data().task.log_budget.dropped;
+        if dropped > 0 {
+            tracing::warn!(
+                task.id = %host::printable(&invocation.id),
+                task.name = %invocation.task,
+                "dropped {dropped} log lines over the limit of {} at once and {} a second",
+                host::LOG_BURST,
+                host::LOG_PER_SECOND
+            );
+        }
         let cancelled = store.data().task.cancelled();
         let terminated = store.data().task.signals.is_terminated();
         let memory_hit = store.data().limiter.hit;
@@ -478,16 +505,19 @@ impl Runtime {
             }
             Ok(Err(Ok(trap))) => classify_trap(trap, limits, memory_hit, &report.output),
             Ok(Ok(Ok(json))) => check_result(json, limits.max_result),
+            // The task's own error text is capped: it is stored twice in the result, put in the
+            // dead letter and logged, and a task could make it as large as its memory.
             Ok(Ok(Err(TaskError::Retry(r)))) => Outcome::Retry {
-                reason: r.reason,
+                reason: cap_text(r.reason, MAX_ERROR_TEXT),
                 countdown: r.countdown_ms.map(Duration::from_millis),
             },
-            Ok(Ok(Err(TaskError::Fail(f)))) if cancelled => {
-                Outcome::SoftTimeLimit { message: format!("{}: {}", f.exc_type, f.message) }
-            }
-            Ok(Ok(Err(TaskError::Fail(f)))) => {
-                Outcome::Failed { exc_type: f.exc_type, message: f.message }
-            }
+            Ok(Ok(Err(TaskError::Fail(f)))) if cancelled => Outcome::SoftTimeLimit {
+                message: cap_text(format!("{}: {}", f.exc_type, f.message), MAX_ERROR_TEXT),
+            },
+            Ok(Ok(Err(TaskError::Fail(f)))) => Outcome::Failed {
+                exc_type: cap_text(f.exc_type, MAX_EXC_TYPE),
+                message: cap_text(f.message, MAX_ERROR_TEXT),
+            },
         };
         if report.outcome.is_success() {
             report.children = std::mem::take(&mut store.data_mut().task.children);

@@ -4,6 +4,27 @@
 
 use std::time::Duration;
 
+/// Longest error text a task can make the host keep (a failure's or retry's message): it is
+/// stored in the result twice (message and traceback), dead-lettered and logged.
+pub const MAX_ERROR_TEXT: usize = 16 << 10;
+/// Longest exception class name kept.
+pub const MAX_EXC_TYPE: usize = 128;
+
+/// `text` cut to at most `max` bytes on a character boundary, saying how much was cut.
+pub fn cap_text(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let total = text.len();
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    text.push_str(&format!("... [{} of {total} bytes cut]", total - cut));
+    text
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -152,6 +173,17 @@ pub struct Progress {
     pub state: String,
     /// Its metadata.
     pub meta: serde_json::Value,
+}
+
+/// Where a run's progress reports go: only the latest is kept, numbered, so a task that reports
+/// in a tight loop costs memory for one report and the reader writes as often as it chooses.
+pub type ProgressSender = tokio::sync::watch::Sender<(u64, Option<Progress>)>;
+/// The reading end of a [`ProgressSender`].
+pub type ProgressReceiver = tokio::sync::watch::Receiver<(u64, Option<Progress>)>;
+
+/// A channel for one run's progress reports.
+pub fn progress_channel() -> (ProgressSender, ProgressReceiver) {
+    tokio::sync::watch::channel((0, None))
 }
 
 /// Everything a caller learns from one run.

@@ -1,0 +1,331 @@
+//! Hostile tasks and producers against a real worker on a Redis of its own: each test is a way a
+//! task (with no grant, or only its own) or a message tried to wedge the worker, stall the
+//! broker, escape its grants or lose a message. The tasks are in `tests/fixtures/hostile`.
+
+use crate::worker::{broker, config, results, send, settings, start, start_with, wait_state};
+use celeriac::client;
+use celeriac::config::Config;
+use celeriac::protocol::{self, NewTask};
+use celeriac_tests::RedisServer;
+use redis::Commands;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const LEASE: Duration = Duration::from_secs(30);
+
+/// The example tasks and the hostile fixture in one modules folder, with `tweak` applied.
+fn hostile_config(modules: &Path, tweak: impl FnOnce(&mut Config)) -> Config {
+    for dir in [celeriac::BUILT_TASKS_DIR, celeriac::BUILT_FIXTURES_DIR] {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|x| x == "wasm") {
+                std::os::unix::fs::symlink(&path, modules.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    config(|c| {
+        c.modules = modules.to_path_buf();
+        tweak(c);
+    })
+}
+
+/// A Celery message for `task` with `patch` merged into its headers, pushed raw onto `default`.
+fn push_raw(c: &mut redis::Connection, task: &str, args: Value, patch: Value) -> String {
+    let (id, envelope) = protocol::encode(task, &args, &json!({}), "default", &NewTask::default());
+    let mut env: Value = serde_json::from_str(&envelope).unwrap();
+    for (k, v) in patch.as_object().unwrap() {
+        env["headers"][k] = v.clone();
+    }
+    let _: () = c.lpush("default", env.to_string()).unwrap();
+    id
+}
+
+/// Sends a hostile task to the `celery` queue, where the fixture's tasks live.
+async fn send_hostile(b: &celeriac::broker::RedisBroker, task: &str, args: Value) -> String {
+    client::enqueue(b, task, &args, &json!({}), "celery", &NewTask::default()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_cannot_be_sent_into_bookkeeping_keys_or_queues_it_was_not_granted() {
+    let redis = RedisServer::start();
+    let modules = tempfile::tempdir().unwrap();
+    let config = hostile_config(modules.path(), |c| {
+        c.tasks.insert(
+            "hostile.child_to".into(),
+            settings(|s| {
+                s.enqueue = Some(vec!["hostile.count".into()]);
+                s.enqueue_queues = Some(vec!["extra-*".into()]);
+            }),
+        );
+    });
+    let w = start(&redis, config, 2, LEASE).await;
+    let (b, r) = (broker(&redis, LEASE).await, results(&redis).await);
+    let mut c = redis.client(0);
+    for (queue, countdown) in [
+        ("unacked", None),
+        ("_kombu.binding.celery", Some(1)),
+        ("celeriac:revoked", None),
+        ("celeriac:kv:index:stolen", None),
+        ("celery-task-meta-x", None),
+        ("line\nbreak", None),
+        ("not-granted", None),
+    ] {
+        let id = send_hostile(&b, "hostile.child_to", json!([queue, countdown])).await;
+        let (state, meta) = wait_state(&r, &id, 10).await;
+        assert_eq!(state, "FAILURE", "{queue:?}: {meta}");
+        assert_eq!(meta["result"]["exc_type"], "PermissionError", "{queue:?}: {meta}");
+    }
+    for key in ["unacked", "celeriac:revoked", "celeriac:kv:index:stolen", "not-granted"] {
+        let kind: String = redis::cmd("TYPE").arg(key).query(&mut c).unwrap();
+        assert!(kind == "none" || kind == "hash", "{key} became a {kind}");
+    }
+    assert_eq!(c.zcard::<_, u64>("celeriac:scheduled").unwrap(), 0);
+    // The granted ones: its children's own queue and the enqueue_queues glob.
+    let id = send_hostile(&b, "hostile.child_to", json!(["extra-1", null])).await;
+    assert_eq!(wait_state(&r, &id, 10).await.0, "SUCCESS");
+    assert_eq!(c.llen::<_, u64>("extra-1").unwrap(), 1);
+    let id = send_hostile(&b, "hostile.child_to", json!(["celery", null])).await;
+    assert_eq!(wait_state(&r, &id, 10).await.0, "SUCCESS");
+    // The broker still works for everyone.
+    let id = send(&b, "diagnostics.noop", json!([1]), NewTask::default()).await;
+    assert_eq!(wait_state(&r, &id, 10).await.0, "SUCCESS");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_numbers_from_producers_and_tasks_never_strand_a_message() {
+    let redis = RedisServer::start();
+    let modules = tempfile::tempdir().unwrap();
+    let config = hostile_config(modules.path(), |c| {
+        c.tasks.insert(
+            "hostile.child_to".into(),
+            settings(|s| s.enqueue = Some(vec!["hostile.count".into()])),
+        );
+    });
+    let mut c = redis.client(0);
+    let huge_limit =
+        push_raw(&mut c, "diagnostics.noop", json!([1]), json!({"timelimit": [1e300, null]}));
+    let near_max =
+        push_raw(&mut c, "diagnostics.noop", json!([2]), json!({"timelimit": [1.8e19, 1e19]}));
+    let many_retries =
+        push_raw(&mut c, "diagnostics.noop", json!([3]), json!({"retries": 1u64 << 40}));
+    let unknown = push_raw(&mut c, "nobody.serves", json!([]), json!({"retries": u64::MAX}));
+    let w = start(&redis, config, 4, LEASE).await;
+    let (b, r) = (broker(&redis, LEASE).await, results(&redis).await);
+    for id in [&huge_limit, &near_max, &many_retries] {
+        assert_eq!(wait_state(&r, id, 10).await.0, "SUCCESS", "{id}");
+    }
+    assert_eq!(wait_state(&r, &unknown, 10).await.0, "FAILURE");
+    // A task asking to be retried in 300,000 years, and one scheduling its child that far out.
+    let retry = send_hostile(&b, "hostile.retry_after", json!([1e16 as u64])).await;
+    assert_eq!(wait_state(&r, &retry, 10).await.0, "RETRY");
+    let parent = send_hostile(&b, "hostile.child_to", json!(["celery", 1e16 as u64])).await;
+    assert_eq!(wait_state(&r, &parent, 10).await.0, "SUCCESS");
+    let due: Vec<(String, f64)> = c.zrange_withscores("celeriac:scheduled", 0, -1).unwrap();
+    assert_eq!(due.len(), 2, "both wait in the scheduled set");
+    let eleven_years = (chrono::Utc::now().timestamp_millis() + 11 * 365 * 86_400_000) as f64;
+    assert!(due.iter().all(|(_, at)| *at < eleven_years), "capped: {due:?}");
+    let w = w.stop().await;
+    assert_eq!(c.hlen::<_, u64>("unacked").unwrap(), 0, "every message was settled");
+    let letters = client::dlq_list(&b, "default", 10).await.unwrap();
+    assert_eq!(letters[0]["attempts"], u32::MAX, "{letters:?}");
+    assert_eq!(w.stats.succeeded.load(std::sync::atomic::Ordering::Relaxed), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_time_limit_cannot_raise_the_configured_one() {
+    let redis = RedisServer::start();
+    let config = config(|c| {
+        c.tasks.insert(
+            "diagnostics.spin".into(),
+            settings(|s| {
+                s.soft_time_limit = Some("500ms".parse().unwrap());
+                s.hard_time_limit = Some("1s".parse().unwrap());
+            }),
+        );
+    });
+    let mut c = redis.client(0);
+    let id = push_raw(&mut c, "diagnostics.spin", json!([6000]), json!({"timelimit": [20, 19]}));
+    let started = Instant::now();
+    let w = start(&redis, config, 2, LEASE).await;
+    let (state, meta) = wait_state(&results(&redis).await, &id, 10).await;
+    assert_eq!(state, "FAILURE", "{meta}");
+    assert!(
+        ["SoftTimeLimitExceeded", "TimeLimitExceeded"]
+            .contains(&meta["result"]["exc_type"].as_str().unwrap()),
+        "{meta}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4), "stopped by the configured limit");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progress_meta_saying_success_does_not_freeze_the_final_state() {
+    let redis = RedisServer::start();
+    let modules = tempfile::tempdir().unwrap();
+    let w = start(&redis, hostile_config(modules.path(), |_| {}), 2, LEASE).await;
+    let (b, r) = (broker(&redis, LEASE).await, results(&redis).await);
+    let id = send_hostile(&b, "hostile.progress_then_fail", json!([])).await;
+    let (_, meta) = wait_state(&r, &id, 10).await;
+    assert_eq!(meta["status"], "FAILURE", "{meta}");
+    assert_eq!(meta["result"]["exc_type"], "ValueError");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_failures_and_unsettleable_messages_do_not_hold_up_other_results() {
+    let redis = RedisServer::start();
+    let modules = tempfile::tempdir().unwrap();
+    let config = hostile_config(modules.path(), |c| {
+        c.tasks.insert(
+            "hostile.child_to".into(),
+            settings(|s| {
+                s.enqueue = Some(vec!["hostile.count".into()]);
+                s.enqueue_queues = Some(vec!["busy".into()]);
+            }),
+        );
+    });
+    let mut c = redis.client(0);
+    // Another application keeps a hash where a granted queue would be.
+    let _: () = c.hset("busy", "f", "v").unwrap();
+    let w = start(&redis, config, 4, LEASE).await;
+    let (b, r) = (broker(&redis, LEASE).await, results(&redis).await);
+    let big = send_hostile(&b, "hostile.fail_big", json!([5_000_000])).await;
+    let stuck = send_hostile(&b, "hostile.child_to", json!(["busy", null])).await;
+    let noops: Vec<String> = {
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            ids.push(send(&b, "diagnostics.noop", json!([i]), NewTask::default()).await);
+        }
+        ids
+    };
+    for id in &noops {
+        assert_eq!(wait_state(&r, id, 10).await.0, "SUCCESS");
+    }
+    let (state, meta) = wait_state(&r, &big, 10).await;
+    assert_eq!(state, "FAILURE");
+    let message = meta["result"]["exc_message"][0].as_str().unwrap();
+    assert!(message.len() < 20_000 && message.contains("bytes cut"), "{}", message.len());
+    // The task itself succeeded and its result was stored before the ack; what could not be
+    // applied (its child) is kept with the whole message in the dead-letter list.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let letter = loop {
+        let letters = client::dlq_list(&b, "celery", 10).await.unwrap();
+        if let Some(l) = letters.into_iter().find(|l| l["id"] == stuck.as_str()) {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "the unsettleable message was not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(letter["reason"], "unsettled");
+    assert!(letter["error"].as_str().unwrap().contains("busy"), "{letter}");
+    assert_eq!(c.llen::<_, u64>("celery").unwrap(), 0, "its child was not half-sent");
+    assert_eq!(c.hget::<_, _, String>("busy", "f").unwrap(), "v");
+    let stopping = Instant::now();
+    w.stop().await;
+    assert!(stopping.elapsed() < Duration::from_secs(5), "shutdown is not wedged");
+    assert_eq!(c.hlen::<_, u64>("unacked").unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progress_flood_is_coalesced_and_does_not_delay_other_results() {
+    let redis = RedisServer::start();
+    let modules = tempfile::tempdir().unwrap();
+    let w = start(&redis, hostile_config(modules.path(), |_| {}), 4, LEASE).await;
+    let (b, r) = (broker(&redis, LEASE).await, results(&redis).await);
+    let mut c = redis.client(1);
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut c).unwrap();
+    let flood = send_hostile(&b, "hostile.progress_flood", json!([20_000, 1024])).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = Instant::now();
+    let noop = send(&b, "diagnostics.noop", json!([1]), NewTask::default()).await;
+    assert_eq!(wait_state(&r, &noop, 10).await.0, "SUCCESS");
+    assert!(sent.elapsed() < Duration::from_secs(1), "noop took {:?}", sent.elapsed());
+    let (state, meta) = wait_state(&r, &flood, 30).await;
+    assert_eq!(state, "SUCCESS", "{meta}");
+    assert_eq!(meta["result"], 20_000);
+    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut c).unwrap();
+    let publishes: u64 = info
+        .lines()
+        .find(|l| l.starts_with("cmdstat_publish:"))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(publishes < 500, "{publishes} states published for 20,000 reports");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chatty_output_and_caps_on_kv_and_children_fail_cleanly() {
+    let redis = RedisServer::start();
+    let modules = tempfile::tempdir().unwrap();
+    let config = hostile_config(modules.path(), |c| {
+        c.tasks.insert("hostile.set_add".into(), settings(|s| s.kv = Some("hoard".into())));
+        c.tasks.insert(
+            "hostile.children".into(),
+            settings(|s| s.enqueue = Some(vec!["hostile.count".into()])),
+        );
+    });
+    let w = start(&redis, config, 2, LEASE).await;
+    let (b, r) = (broker(&redis, LEASE).await, results(&redis).await);
+    let mut c = redis.client(0);
+    // 200 KB of println!: the tail is kept, the task is not trapped.
+    let print = send_hostile(&b, "hostile.print", json!([2000])).await;
+    assert_eq!(wait_state(&r, &print, 10).await.0, "SUCCESS");
+    let log = send_hostile(&b, "hostile.log_flood", json!([5000, "a line\nFORGED ERROR"])).await;
+    assert_eq!(wait_state(&r, &log, 10).await.0, "SUCCESS");
+    let hoard = send_hostile(&b, "hostile.set_add", json!([200_000, 8])).await;
+    let (state, meta) = wait_state(&r, &hoard, 10).await;
+    assert_eq!((state.as_str(), &meta["result"]["exc_type"]), ("FAILURE", &json!("ValueError")));
+    assert!(!c.exists::<_, bool>("celeriac:kv:hoard:hoard").unwrap());
+    // 20 children of 1 MB each: more than one run's children may carry in all.
+    let fan = send_hostile(&b, "hostile.children", json!([20, 1_000_000])).await;
+    let (state, meta) = wait_state(&r, &fan, 20).await;
+    assert_eq!((state.as_str(), &meta["result"]["exc_type"]), ("FAILURE", &json!("ValueError")));
+    assert_eq!(c.llen::<_, u64>("celery").unwrap(), 0, "no child was sent");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_and_shutdown_reach_a_task_waiting_in_a_host_call() {
+    let redis = RedisServer::start();
+    let modules = tempfile::tempdir().unwrap();
+    let config = hostile_config(modules.path(), |_| {});
+    let w = start_with(&redis, config, 2, LEASE, |o| o.grace = Duration::from_secs(1)).await;
+    let (b, r) = (broker(&redis, LEASE).await, results(&redis).await);
+    let revoked = send_hostile(&b, "hostile.sleep_once", json!([20_000])).await;
+    let kept = send_hostile(&b, "hostile.sleep_once", json!([20_000])).await;
+    for id in [&revoked, &kept] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client::status(&r, id).await.unwrap().0 != "STARTED" {
+            assert!(Instant::now() < deadline, "never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let revoking = Instant::now();
+    client::revoke(&b, &r, std::slice::from_ref(&revoked), true, Duration::from_secs(60))
+        .await
+        .unwrap();
+    // The revoke stores REVOKED ("revoked") at once; the worker's own REVOKED ("terminated")
+    // follows when the run has actually stopped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (state, meta) = client::status(&r, &revoked).await.unwrap();
+        let meta = meta.unwrap_or_default();
+        if state == "REVOKED" && meta["result"]["exc_message"][0] == "terminated" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{state} {meta}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(revoking.elapsed() < Duration::from_secs(3), "took {:?}", revoking.elapsed());
+    // Shutdown with a 1 s grace: the other one is stopped and handed back, not waited for.
+    let stopping = Instant::now();
+    w.stop().await;
+    assert!(stopping.elapsed() < Duration::from_secs(4), "took {:?}", stopping.elapsed());
+    let mut c = redis.client(0);
+    assert_eq!(c.llen::<_, u64>("celery").unwrap(), 1, "handed back to its queue");
+    assert_eq!(c.hlen::<_, u64>("unacked").unwrap(), 0);
+}
