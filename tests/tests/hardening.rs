@@ -30,6 +30,18 @@ fn hostile_config(modules: &Path, tweak: impl FnOnce(&mut Config)) -> Config {
     })
 }
 
+/// Grants `hostile.child_to` its child task, and `queues` (globs) beyond the default ones.
+fn grant_child_to(c: &mut Config, queues: &[&str]) {
+    let queues: Vec<String> = queues.iter().map(|q| q.to_string()).collect();
+    c.tasks.insert(
+        "hostile.child_to".into(),
+        settings(|s| {
+            s.enqueue = Some(vec!["hostile.count".into()]);
+            s.enqueue_queues = Some(queues);
+        }),
+    );
+}
+
 /// A Celery message for `task` with `patch` merged into its headers, pushed raw onto `default`.
 fn push_raw(c: &mut redis::Connection, task: &str, args: Value, patch: Value) -> String {
     let (id, envelope) = protocol::encode(task, &args, &json!({}), "default", &NewTask::default());
@@ -50,15 +62,7 @@ async fn send_hostile(b: &celeriac::broker::RedisBroker, task: &str, args: Value
 async fn a_child_cannot_be_sent_into_bookkeeping_keys_or_queues_it_was_not_granted() {
     let redis = RedisServer::start();
     let modules = tempfile::tempdir().unwrap();
-    let config = hostile_config(modules.path(), |c| {
-        c.tasks.insert(
-            "hostile.child_to".into(),
-            settings(|s| {
-                s.enqueue = Some(vec!["hostile.count".into()]);
-                s.enqueue_queues = Some(vec!["extra-*".into()]);
-            }),
-        );
-    });
+    let config = hostile_config(modules.path(), |c| grant_child_to(c, &["extra-*"]));
     let w = start(&redis, config, 2, LEASE).await;
     let (b, r) = (broker(&redis, LEASE).await, results(&redis).await);
     let mut c = redis.client(0);
@@ -97,12 +101,7 @@ async fn a_child_cannot_be_sent_into_bookkeeping_keys_or_queues_it_was_not_grant
 async fn absurd_numbers_from_producers_and_tasks_never_strand_a_message() {
     let redis = RedisServer::start();
     let modules = tempfile::tempdir().unwrap();
-    let config = hostile_config(modules.path(), |c| {
-        c.tasks.insert(
-            "hostile.child_to".into(),
-            settings(|s| s.enqueue = Some(vec!["hostile.count".into()])),
-        );
-    });
+    let config = hostile_config(modules.path(), |c| grant_child_to(c, &[]));
     let mut c = redis.client(0);
     let huge_limit =
         push_raw(&mut c, "diagnostics.noop", json!([1]), json!({"timelimit": [1e300, null]}));
@@ -177,15 +176,7 @@ async fn a_progress_meta_saying_success_does_not_freeze_the_final_state() {
 async fn huge_failures_and_unsettleable_messages_do_not_hold_up_other_results() {
     let redis = RedisServer::start();
     let modules = tempfile::tempdir().unwrap();
-    let config = hostile_config(modules.path(), |c| {
-        c.tasks.insert(
-            "hostile.child_to".into(),
-            settings(|s| {
-                s.enqueue = Some(vec!["hostile.count".into()]);
-                s.enqueue_queues = Some(vec!["busy".into()]);
-            }),
-        );
-    });
+    let config = hostile_config(modules.path(), |c| grant_child_to(c, &["busy"]));
     let mut c = redis.client(0);
     // Another application keeps a hash where a granted queue would be.
     let _: () = c.hset("busy", "f", "v").unwrap();
