@@ -701,29 +701,33 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     fn host_panic(&self, d: &Delivery, panic: String) -> Disposition {
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
         let error = format!("celeriac failed while handling this message: {panic}");
+        let (results, then) = self.host_failure(d, "host_error", &error);
+        Disposition::Finish { results, then }
+    }
+
+    /// What celeriac's own failure with a delivery stores and sends: FAILURE (`HostError`) when
+    /// the message decodes to a task, and the message, untouched, in its queue's dead-letter
+    /// list with `reason`.
+    fn host_failure(
+        &self,
+        d: &Delivery,
+        reason: &str,
+        error: &str,
+    ) -> (Vec<StoredResult>, Vec<FollowUp>) {
         let msg = protocol::decode(&d.payload).ok();
         tracing::error!(
-            queue = %d.queue,
-            task.id = msg.as_ref().map(|m| m.id.as_str()).unwrap_or("?"),
-            "dead-lettering: {error}"
+            queue = %printable(&d.queue),
+            task.id = %printable(msg.as_ref().map_or("?", |m| m.id.as_str())),
+            "dead-lettering ({reason}): {error}"
         );
         let results = msg
             .iter()
-            .map(|m| self.result(m, states::FAILURE, protocol::exception("HostError", &error), &[]))
+            .map(|m| self.result(m, states::FAILURE, protocol::exception("HostError", error), &[]))
             .collect();
         let attempts = msg.as_ref().map_or(1, |m| m.retries.saturating_add(1));
-        let record = dead_letter_record(
-            d,
-            msg.as_ref(),
-            "host_error",
-            &error,
-            attempts,
-            &self.opts.hostname,
-        );
-        Disposition::Finish {
-            results,
-            then: vec![FollowUp::DeadLetter { queue: d.queue.clone(), record }],
-        }
+        let record =
+            dead_letter_record(d, msg.as_ref(), reason, error, attempts, &self.opts.hostname);
+        (results, vec![FollowUp::DeadLetter { queue: d.queue.clone(), record }])
     }
 
     fn poison(&self, d: &Delivery, poison: &Poison) -> Disposition {
@@ -849,17 +853,8 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 refused.results.len()
             );
         };
-        let msg = protocol::decode(&d.payload).ok();
         let why = format!("celeriac could not settle this message as it ended: {error}");
-        tracing::error!(queue = %d.queue, tag = %d.tag, "dead-lettering: {why}");
-        let results = msg
-            .iter()
-            .map(|m| self.result(m, states::FAILURE, protocol::exception("HostError", &why), &[]))
-            .collect();
-        let attempts = msg.as_ref().map_or(1, |m| m.retries.saturating_add(1));
-        let record =
-            dead_letter_record(&d, msg.as_ref(), "unsettled", &why, attempts, &self.opts.hostname);
-        let then = vec![FollowUp::DeadLetter { queue: d.queue.clone(), record }];
+        let (results, then) = self.host_failure(&d, "unsettled", &why);
         let fallback = [Settlement { delivery: Some(d), results, then }];
         if let Err(e) = self.try_settle(&fallback).await {
             // Not even its dead-letter list takes it. It stays unacked; without renewals its lease
