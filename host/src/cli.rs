@@ -645,9 +645,12 @@ fn print_report(invocation: &Invocation, report: &RunReport) {
 async fn modules_check(config: &Config) -> anyhow::Result<i32> {
     let registry = Registry::load(config, 1).await?;
     for module in registry.modules() {
-        let from = match module.compiled {
-            crate::runtime::Compiled::FromCache => "cached",
-            crate::runtime::Compiled::Fresh => "compiled",
+        let from = match &module.compiled {
+            crate::runtime::Compiled::FromCache => "cached".to_string(),
+            crate::runtime::Compiled::Fresh => "compiled".to_string(),
+            crate::runtime::Compiled::CacheRefused(why) => {
+                format!("compiled; cache refused: {why}")
+            }
         };
         println!("{} ({from})", module.path.display());
         for entry in registry.tasks().filter(|e| e.module.path == module.path) {

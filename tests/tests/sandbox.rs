@@ -504,6 +504,50 @@ async fn compiled_modules_are_reused_from_the_disk_cache() {
     assert_eq!(r.outcome, Outcome::Success { result: "\"cached\"".into() });
 }
 
+/// Cached native code is loaded without further checks, so a cache another user could have
+/// written is neither read nor written: the module is compiled afresh and the reason given.
+#[tokio::test]
+async fn a_module_cache_other_users_could_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let cache = tempfile::tempdir().unwrap();
+    let config = celeriac::runtime::RuntimeConfig {
+        max_instances: 4,
+        cache_dir: Some(cache.path().to_path_buf()),
+        ..Default::default()
+    };
+    let path = std::path::Path::new(celeriac::BUILT_TASKS_DIR).join("diagnostics.wasm");
+    let load = || async {
+        let rt = celeriac::runtime::Runtime::new(config.clone()).unwrap();
+        rt.load_module(&path).await.unwrap().compiled
+    };
+    assert_eq!(load().await, Compiled::Fresh);
+    let entry = std::fs::read_dir(cache.path()).unwrap().next().unwrap().unwrap().path();
+    let chmod = |p: &std::path::Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+
+    // A world-writable folder: anyone could have swapped the file.
+    chmod(cache.path(), 0o777);
+    let Compiled::CacheRefused(why) = load().await else { panic!("a 0777 cache was used") };
+    assert!(why.contains("mode 777") && why.contains("chmod go-w"), "{why}");
+
+    // A group-writable file in a sound folder.
+    chmod(cache.path(), 0o700);
+    chmod(&entry, 0o664);
+    let Compiled::CacheRefused(why) = load().await else { panic!("a 0664 entry was used") };
+    assert!(why.contains(&entry.display().to_string()) && why.contains("mode 664"), "{why}");
+
+    // Put right, it is used again.
+    chmod(&entry, 0o644);
+    assert_eq!(load().await, Compiled::FromCache);
+
+    // Owned by another user (only root can give a file away, as it can on a shared volume).
+    if std::os::unix::fs::chown(&entry, Some(65534), None).is_ok() {
+        let Compiled::CacheRefused(why) = load().await else { panic!("a foreign entry was used") };
+        assert!(why.contains("owned by uid 65534"), "{why}");
+    }
+}
+
 #[tokio::test]
 async fn the_resource_table_cap_bounds_open_handles() {
     let rt = runtime(false);

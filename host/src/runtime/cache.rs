@@ -10,12 +10,15 @@ use wasmtime::Engine;
 use wasmtime::component::Component;
 
 /// Where a compiled component came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Compiled {
     /// Loaded from the disk cache.
     FromCache,
     /// Compiled now (and written to the cache when there is one).
     Fresh,
+    /// Compiled now, because the cache could not be trusted (the reason): it was neither read
+    /// nor written.
+    CacheRefused(String),
 }
 
 /// The cache key of `wasm` under `engine`.
@@ -35,6 +38,13 @@ pub fn load(
         return Ok((Component::new(engine, wasm).map_err(anyhow::Error::from)?, Compiled::Fresh));
     };
     let path: PathBuf = dir.join(format!("{}.cwasm", cache_key(engine, wasm)));
+    // Native code is loaded from here without further checks, so whoever can write the folder
+    // or the file can run code as celeriac: refuse a cache anyone else could have written.
+    if let Err(reason) = trusted(dir, true).and_then(|()| trusted(&path, false)) {
+        tracing::warn!("not using the module cache: {reason}");
+        let component = Component::new(engine, wasm).map_err(anyhow::Error::from)?;
+        return Ok((component, Compiled::CacheRefused(reason)));
+    }
     if path.exists() {
         match deserialize(engine, &path) {
             Ok(component) => return Ok((component, Compiled::FromCache)),
@@ -45,14 +55,68 @@ pub fn load(
         }
     }
     let component = Component::new(engine, wasm).map_err(anyhow::Error::from)?;
-    std::fs::create_dir_all(dir)
+    // Created writable by celeriac's user alone, whatever the umask, so `trusted` accepts them.
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
         .with_context(|| format!("create module cache folder {}", dir.display()))?;
     let bytes = component.serialize().map_err(anyhow::Error::from)?;
     // Write then rename, so a concurrent reader never sees half a file.
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
+    let write = |tmp: &Path| -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(tmp)?;
+        file.write_all(&bytes)
+    };
+    write(&tmp).with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))?;
     Ok((component, Compiled::Fresh))
+}
+
+/// Checks that `path`, if it exists, can only have been written by this user (or root): it is
+/// owned by one of them and neither group nor others may write it. The folder may be reached
+/// through a symbolic link (its target is checked); an entry may not be one, as celeriac never
+/// writes links.
+fn trusted(path: &Path, follow: bool) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = if follow { std::fs::metadata(path) } else { std::fs::symlink_metadata(path) };
+    let meta = match meta {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let me = effective_uid();
+    let shown = path.display();
+    if meta.file_type().is_symlink() {
+        return Err(format!("{shown} is a symbolic link, which celeriac never writes there"));
+    }
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "{shown} is owned by uid {}, not by celeriac's user (uid {me}) or root; \
+             chown it or choose another folder with CELERIAC_CACHE",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{shown} has mode {:o}, so other users may write it; run `chmod go-w {shown}`",
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+#[allow(unsafe_code)]
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions, cannot fail and touches no memory of ours.
+    unsafe { libc::geteuid() }
 }
 
 #[allow(unsafe_code)]
@@ -60,7 +124,7 @@ fn deserialize(engine: &Engine, path: &Path) -> anyhow::Result<Component> {
     // SAFETY: `deserialize_file` trusts the file to be machine code that wasmtime produced. The
     // cache folder is written only by `load` above, under a name that binds the module's content
     // hash and the engine's compatibility hash, and wasmtime itself re-checks the header and the
-    // engine settings before using it. Whoever can write the cache folder can already replace the
-    // celeriac binary beside it.
+    // engine settings before using it. `trusted` has checked that only celeriac's user or root
+    // could have written the folder and the file.
     Ok(unsafe { Component::deserialize_file(engine, path).map_err(anyhow::Error::from)? })
 }
