@@ -127,7 +127,8 @@ pub async fn dlq_list<B: Broker>(
 }
 
 /// Puts dead letters of `queue` back on their queue (all, or those of task id `only`) with their
-/// retry count and ETA reset, each removal and push in one atomic step. Returns how many.
+/// retry count and ETA reset (and an expiry that has passed cleared), each removal and push in one
+/// atomic step. Returns how many.
 pub async fn dlq_replay<B: Broker>(
     broker: &B,
     queue: &str,
@@ -150,6 +151,16 @@ pub async fn dlq_replay<B: Broker>(
                 if let Some(h) = env.get_mut("headers").and_then(Value::as_object_mut) {
                     h.insert("retries".into(), json!(0));
                     h.insert("eta".into(), Value::Null);
+                    // An expiry that has passed would revoke the replayed task at once; one
+                    // still ahead is the producer's and stays.
+                    let expired = h
+                        .get("expires")
+                        .and_then(Value::as_str)
+                        .and_then(protocol::parse_time)
+                        .is_some_and(|e| e <= chrono::Utc::now());
+                    if expired {
+                        h.insert("expires".into(), Value::Null);
+                    }
                 }
                 let p = env["properties"]["priority"].as_u64().unwrap_or(0).min(9) as u8;
                 (env.to_string(), p)

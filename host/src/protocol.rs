@@ -83,6 +83,9 @@ pub struct TaskMessage {
     pub time_limits: (Option<f64>, Option<f64>),
     /// Whether the producer asked not to store the result.
     pub ignore_result: bool,
+    /// The parts of the body's workflow (`callbacks`, `errbacks`, `chain`, `chord`) that are
+    /// set: celeriac does not run them yet, and says so rather than drop them silently.
+    pub workflow: Vec<&'static str>,
     /// The whole envelope as received.
     pub raw: String,
 }
@@ -188,23 +191,27 @@ struct RawProperties<'a> {
 /// The body `[args, kwargs, embed]` as JSON texts. The common case (no kombu-typed values) is
 /// checked and cut without building a tree; a body with `__type__` tags is rewritten to plain
 /// values first.
-fn split_body(body: &[u8]) -> Result<(String, String), Poison> {
+fn split_body(body: &[u8]) -> Result<(String, String, Vec<&'static str>), Poison> {
     let bad = |e: serde_json::Error| Poison::BadBody(format!("not JSON: {e}"));
     let shape = || Poison::BadBody("args must be a list and kwargs an object".into());
     if memchr_str(body, b"__type__") {
-        let (args, kwargs) = match decode_kombu_types(serde_json::from_slice(body).map_err(bad)?) {
-            Value::Array(mut parts) if (2..=3).contains(&parts.len()) => {
-                let kwargs = parts.swap_remove(1);
-                (parts.swap_remove(0), kwargs)
-            }
-            other => {
-                return Err(Poison::BadBody(format!("expected a 3-element list, got {other}")));
-            }
-        };
+        let (args, kwargs, embed) =
+            match decode_kombu_types(serde_json::from_slice(body).map_err(bad)?) {
+                Value::Array(parts) if (2..=3).contains(&parts.len()) => {
+                    let mut parts = parts.into_iter();
+                    let (args, kwargs) =
+                        (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+                    (args, kwargs, parts.next())
+                }
+                other => {
+                    return Err(Poison::BadBody(format!("expected a 3-element list, got {other}")));
+                }
+            };
         if !args.is_array() || !kwargs.is_object() {
             return Err(shape());
         }
-        return Ok((args.to_string(), kwargs.to_string()));
+        let embed = embed.map(|e| e.to_string()).unwrap_or_default();
+        return Ok((args.to_string(), kwargs.to_string(), workflow_parts(&embed)));
     }
     let parts: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
@@ -213,16 +220,41 @@ fn split_body(body: &[u8]) -> Result<(String, String), Poison> {
         _ => bad(e),
     })?;
     match parts.as_slice() {
-        [args, kwargs, ..] if parts.len() <= 3 => {
+        [args, kwargs, rest @ ..] if rest.len() <= 1 => {
             if !args.get().starts_with('[') || !kwargs.get().starts_with('{') {
                 return Err(shape());
             }
-            Ok((args.get().to_string(), kwargs.get().to_string()))
+            let workflow = rest.first().map_or_else(Vec::new, |e| workflow_parts(e.get()));
+            Ok((args.get().to_string(), kwargs.get().to_string(), workflow))
         }
         _ => {
             Err(Poison::BadBody(format!("expected a 3-element list, got {} elements", parts.len())))
         }
     }
+}
+
+/// Which workflow parts of a body's third element (`{"callbacks": ..., "errbacks": ...,
+/// "chain": ..., "chord": ...}`) are set; none for anything else.
+fn workflow_parts(embed: &str) -> Vec<&'static str> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default)]
+    struct Embed<'a> {
+        #[serde(borrow)]
+        callbacks: Option<&'a RawValue>,
+        #[serde(borrow)]
+        errbacks: Option<&'a RawValue>,
+        #[serde(borrow)]
+        chain: Option<&'a RawValue>,
+        #[serde(borrow)]
+        chord: Option<&'a RawValue>,
+    }
+    let Ok(e) = serde_json::from_str::<Embed<'_>>(embed) else { return Vec::new() };
+    let set = |v: Option<&RawValue>| v.is_some_and(|v| !matches!(v.get(), "null" | "[]" | "{}"));
+    [("link", e.callbacks), ("link_error", e.errbacks), ("chain", e.chain), ("chord", e.chord)]
+        .into_iter()
+        .filter(|(_, v)| set(*v))
+        .map(|(name, _)| name)
+        .collect()
 }
 
 fn memchr_str(haystack: &[u8], needle: &[u8]) -> bool {
@@ -314,7 +346,7 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Poison> {
     } else {
         Cow::Borrowed(body.as_bytes())
     };
-    let (args, kwargs) = split_body(&body_bytes)?;
+    let (args, kwargs, workflow) = split_body(&body_bytes)?;
     let retries = match field(headers.retries) {
         None | Some(Value::Null) => 0,
         Some(v) => v
@@ -342,6 +374,7 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Poison> {
         group: opt_str(headers.group, "group")?,
         time_limits,
         ignore_result: field(headers.ignore_result).and_then(|v| v.as_bool()).unwrap_or(false),
+        workflow,
         raw: text.to_string(),
     })
 }
@@ -430,27 +463,52 @@ pub fn encode(
 }
 
 impl TaskMessage {
+    /// Whether its `expires` has passed at `now`: it is revoked instead of run.
+    pub fn expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires.is_some_and(|e| e <= now)
+    }
+
+    /// Its ETA, when that is still ahead of `now`.
+    pub fn due_later(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.eta.filter(|e| *e > now)
+    }
+
     /// The whole envelope, parsed (for retries and inspection; the hot path never needs it).
     pub fn envelope(&self) -> Value {
         serde_json::from_str(&self.raw).unwrap_or(Value::Null)
     }
 
     /// The envelope for the retry of this message: the same id, body and queue, `retries` + 1,
-    /// the new `eta`, a fresh delivery tag; as Celery's `Task.retry` republishes.
+    /// the new `eta`, a fresh delivery tag; as Celery's `Task.retry` republishes. Only those
+    /// fields are rewritten: every other value is carried over as the producer wrote it, so a
+    /// number `serde_json` cannot hold (`1e400`, a 30-digit id) survives the retry unchanged.
     pub fn retry_envelope(&self, eta: DateTime<Utc>) -> String {
-        let mut env = self.envelope();
-        if let Some(h) = env.get_mut("headers").and_then(Value::as_object_mut) {
-            h.insert("retries".into(), json!(self.retries.saturating_add(1)));
-            h.insert("eta".into(), json!(format_time(eta)));
-            h.remove("redelivered");
-        }
-        if let Some(p) = env.get_mut("properties").and_then(Value::as_object_mut) {
-            p.insert("delivery_tag".into(), json!(uuid::Uuid::new_v4().to_string()));
-            if let Some(info) = p.get_mut("delivery_info").and_then(Value::as_object_mut) {
-                info.remove("redelivered");
+        type Object = std::collections::BTreeMap<String, Box<RawValue>>;
+        let raw = |v: Value| RawValue::from_string(v.to_string()).expect("a Value is JSON");
+        let nested = |map: &mut Object, key: &str, patch: &dyn Fn(&mut Object)| {
+            if let Some(mut inner) = map.get(key).and_then(|v| serde_json::from_str(v.get()).ok()) {
+                patch(&mut inner);
+                let text = serde_json::to_string(&inner).expect("raw values serialize");
+                map.insert(key.into(), RawValue::from_string(text).expect("an object is JSON"));
             }
-        }
-        env.to_string()
+        };
+        // `decode` read the envelope as an object, so this parse cannot fail; if it ever did,
+        // the message would be republished as it came rather than lost.
+        let Ok(mut env) = serde_json::from_str::<Object>(&self.raw) else {
+            return self.raw.clone();
+        };
+        nested(&mut env, "headers", &|h| {
+            h.insert("retries".into(), raw(json!(self.retries.saturating_add(1))));
+            h.insert("eta".into(), raw(json!(format_time(eta))));
+            h.remove("redelivered");
+        });
+        nested(&mut env, "properties", &|p| {
+            p.insert("delivery_tag".into(), raw(json!(uuid::Uuid::new_v4().to_string())));
+            nested(p, "delivery_info", &|info| {
+                info.remove("redelivered");
+            });
+        });
+        serde_json::to_string(&env).expect("raw values serialize")
     }
 }
 
@@ -490,8 +548,14 @@ pub fn exception_module(exc_type: &str) -> &'static str {
         "ZeroDivisionError",
         "Exception",
     ];
-    const CELERY: &[&str] =
-        &["SoftTimeLimitExceeded", "TimeLimitExceeded", "TaskRevokedError", "Retry", "Terminated"];
+    const CELERY: &[&str] = &[
+        "SoftTimeLimitExceeded",
+        "TimeLimitExceeded",
+        "TaskRevokedError",
+        "Retry",
+        "MaxRetriesExceededError",
+        "Terminated",
+    ];
     if BUILTINS.contains(&exc_type) {
         "builtins"
     } else if CELERY.contains(&exc_type) {
@@ -604,6 +668,21 @@ mod tests {
         assert_eq!((m.priority, m.eta), (5, Some(eta)));
         assert_eq!(m.envelope()["properties"]["delivery_info"]["routing_key"], "hi");
         assert_eq!(m.envelope()["headers"]["argsrepr"], "[1,{\"a\":None}]");
+    }
+
+    #[test]
+    fn a_retry_carries_values_serde_cannot_hold_as_they_were_written() {
+        let text = CAPTURED.replace(
+            r#""lang": "py","#,
+            r#""lang": "py", "x_custom": 1e400, "x_big": 123456789012345678901234567890,"#,
+        );
+        let m = decode(text.as_bytes()).unwrap();
+        assert_eq!(m.envelope(), Value::Null, "serde_json cannot read this envelope");
+        let again = m.retry_envelope(Utc::now());
+        assert!(again.contains(r#""x_custom":1e400"#), "{again}");
+        assert!(again.contains(r#""x_big":123456789012345678901234567890"#), "{again}");
+        let again = decode(again.as_bytes()).unwrap();
+        assert_eq!((&again.id, again.retries, &again.args), (&m.id, 1, &m.args));
     }
 
     #[test]

@@ -18,9 +18,9 @@ use crate::runtime::{Invocation, Outcome, RunEnv, RunReport, Signals, printable}
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt as _;
 use serde_json::{Value, json};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
@@ -42,8 +42,6 @@ const FAST_IDLE_POLLS: u32 = 300;
 const FETCHERS: usize = 2;
 /// How often leases are renewed, due ETA messages moved and revocations of running tasks checked.
 const MAINTENANCE_TICK: Duration = Duration::from_millis(250);
-/// Longest the mirrored revoked set goes without a full copy from Redis.
-const REVOKED_FULL_REFRESH: Duration = Duration::from_secs(5);
 /// Shortest time between two stored progress reports of one task.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 /// How often expired leases are restored.
@@ -87,6 +85,9 @@ pub struct Stats {
     pub fetches: AtomicU64,
     /// Messages fetched.
     pub fetched: AtomicU64,
+    /// Messages whose link, link_error, chain or chord was not followed (celeriac does not run
+    /// workflows yet).
+    pub workflow_ignored: AtomicU64,
 }
 
 impl std::fmt::Display for Stats {
@@ -95,14 +96,15 @@ impl std::fmt::Display for Stats {
         write!(
             f,
             "{} runs succeeded, {} failed, {} retries, {} revoked, {} dead-lettered unrun \
-             ({} messages in {} fetches)",
+             ({} messages in {} fetches; {} with a workflow not followed)",
             n(&self.succeeded),
             n(&self.failed),
             n(&self.retried),
             n(&self.revoked),
             n(&self.poisoned),
             n(&self.fetched),
-            n(&self.fetches)
+            n(&self.fetches),
+            n(&self.workflow_ignored)
         )
     }
 }
@@ -141,14 +143,43 @@ pub struct Worker<B: Broker, R: ResultStore> {
     /// Numbers each fetch, so every delivery tag is unique.
     fetch_seq: AtomicU64,
     running: Mutex<HashMap<String, Running>>,
-    /// Revoked task ids, mirrored from Redis every maintenance tick so the hot path needs no
-    /// round trip, and added to at once for revocations heard on the control channel. The set's
-    /// size lets a tick skip the copy when nothing changed; a full copy is
-    /// taken at least every `REVOKED_FULL_REFRESH` anyway (an add and a prune can cancel out).
-    revoked: Mutex<(HashSet<String>, Option<u64>, Instant)>,
+    /// Whether any revocation is in force: set from the revoked set's size every maintenance
+    /// tick and at once for revocations heard on the control channel. While it is clear (the
+    /// common case) a fetched batch is not checked at all; while it is set, each batch's ids are
+    /// looked up in Redis in one round trip. Nothing of the set is copied here, so a million
+    /// revocations cost a worker no memory.
+    revocations: AtomicBool,
     settle_tx: Mutex<Option<mpsc::UnboundedSender<Settlement>>>,
     /// Counters since start.
     pub stats: Stats,
+}
+
+/// A fetched message as the fetch loop read it: a task, a message that is not one (dead-lettered
+/// untouched), or one the decoder itself failed on (celeriac's bug, settled like a host panic).
+enum Decoded {
+    /// Boxed: it is most of what each spawned task carries.
+    Task(Box<TaskMessage>),
+    Poison(Poison),
+    Panicked(String),
+}
+
+impl Decoded {
+    fn of(payload: &[u8]) -> Decoded {
+        match std::panic::catch_unwind(|| protocol::decode(payload)) {
+            Ok(Ok(msg)) => Decoded::Task(Box::new(msg)),
+            Ok(Err(poison)) => Decoded::Poison(poison),
+            Err(panic) => Decoded::Panicked(panic_message(panic.as_ref())),
+        }
+    }
+}
+
+/// What the batch's round trip decided for a message before it is handled.
+#[derive(Debug, Clone, Copy, Default)]
+struct Admission {
+    /// Revoked by id: never run.
+    revoked: bool,
+    /// Rate limited: its slot is this far off.
+    rate_wait: Option<Duration>,
 }
 
 /// What became of one message.
@@ -177,7 +208,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             id: uuid::Uuid::new_v4().simple().to_string(),
             fetch_seq: AtomicU64::new(0),
             running: Mutex::new(HashMap::new()),
-            revoked: Mutex::new((HashSet::new(), None, Instant::now())),
+            revocations: AtomicBool::new(false),
             settle_tx: Mutex::new(None),
             stats: Stats::default(),
         })
@@ -337,7 +368,15 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             empty_polls = 0;
             self.stats.fetches.fetch_add(1, Ordering::Relaxed);
             self.stats.fetched.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
-            for d in deliveries {
+            let batch: Vec<(Delivery, Decoded)> = deliveries
+                .into_iter()
+                .map(|d| {
+                    let decoded = Decoded::of(&d.payload);
+                    (d, decoded)
+                })
+                .collect();
+            let admissions = self.admit(&batch).await;
+            for ((d, decoded), admission) in batch.into_iter().zip(admissions) {
                 let Some(permit) = permits.split(1) else { break };
                 let signals = Signals::default();
                 self.running()
@@ -345,7 +384,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 let me = self.clone();
                 let stop = shutdown.clone();
                 tasks.spawn(async move {
-                    me.process(d, signals, stop).await;
+                    me.process(d, decoded, admission, signals, stop).await;
                     drop(permit);
                 });
             }
@@ -355,8 +394,23 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     /// Handles one delivery and settles it with the broker. Whatever goes wrong in handling it,
     /// a panic included, ends with the delivery settled: a message that stayed in `running`
     /// would have its lease renewed for ever and never be run, restored or dead-lettered.
-    async fn process(&self, d: Delivery, signals: Signals, shutdown: CancellationToken) {
-        let handled = AssertUnwindSafe(self.handle(&d, signals, &shutdown)).catch_unwind().await;
+    async fn process(
+        &self,
+        d: Delivery,
+        decoded: Decoded,
+        admission: Admission,
+        signals: Signals,
+        shutdown: CancellationToken,
+    ) {
+        let handling = async {
+            match decoded {
+                // A message that is not a Celery v2 task goes to the dead-letter list untouched.
+                Decoded::Poison(poison) => self.poison(&d, &poison),
+                Decoded::Panicked(panic) => self.host_panic(&d, panic),
+                Decoded::Task(msg) => self.handle(&d, msg, admission, signals, &shutdown).await,
+            }
+        };
+        let handled = AssertUnwindSafe(handling).catch_unwind().await;
         let disposition = match handled {
             Ok(disposition) => disposition,
             Err(panic) => self.host_panic(&d, panic_message(panic.as_ref())),
@@ -385,14 +439,11 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     async fn handle(
         &self,
         d: &Delivery,
+        msg: Box<TaskMessage>,
+        admission: Admission,
         signals: Signals,
         shutdown: &CancellationToken,
     ) -> Disposition {
-        // Decode. A message that is not a Celery v2 task goes to the dead-letter list untouched.
-        let msg = match protocol::decode(&d.payload) {
-            Ok(m) => m,
-            Err(poison) => return self.poison(d, &poison),
-        };
         if let Some(r) = self.running().get_mut(&d.tag) {
             r.id = msg.id.clone();
         }
@@ -402,7 +453,19 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             task.id = %printable(&msg.id),
             task.name = %printable(&msg.task)
         );
-        async move {
+        let ignored = msg.ignore_result.then(|| msg.id.clone());
+        if !msg.workflow.is_empty() {
+            // Until celeriac runs workflows, a message that carries one is not passed as if all
+            // were well: the task runs, and what follows it does not.
+            self.stats.workflow_ignored.fetch_add(1, Ordering::Relaxed);
+            let _enter = span.enter();
+            warn!(
+                queue = %printable(&d.queue),
+                "celeriac does not run workflows yet: this task's {} will not be followed",
+                msg.workflow.join(", ")
+            );
+        }
+        let disposition = async move {
             // Unknown task: nobody here can run it. Fail it visibly rather than drop it.
             let Ok(entry) = self.registry.get(&msg.task) else {
                 self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
@@ -416,45 +479,34 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 return self.finish_dead(d, &msg, "unknown_task", &reason, vec![failure]);
             };
 
-            // Revoked (by id) or expired: never run.
-            // Checked against the mirrored set: no round trip per task.
-            if self.revoked.lock().unwrap_or_else(|p| p.into_inner()).0.contains(&msg.id) {
+            // Revoked (by id, checked for the whole fetched batch) or expired: never run.
+            if admission.revoked {
                 self.stats.revoked.fetch_add(1, Ordering::Relaxed);
                 info!(queue = %d.queue, outcome = "revoked", "task revoked before it ran");
                 return self.finish_revoked(&msg, "revoked");
             }
-            if msg.expires.is_some_and(|e| e <= Utc::now()) {
+            let now = Utc::now();
+            if msg.expired(now) {
                 self.stats.revoked.fetch_add(1, Ordering::Relaxed);
                 info!(queue = %d.queue, outcome = "expired", "task expired before it ran");
                 return self.finish_revoked(&msg, "expired");
             }
 
             // Not due yet: park it in the scheduled set, not in worker memory.
-            if let Some(eta) = msg.eta.filter(|e| *e > Utc::now()) {
+            if let Some(eta) = msg.due_later(now) {
                 let then = vec![self.park(d, &msg, eta.timestamp_millis())];
                 return Disposition::Finish { results: vec![], then };
             }
 
-            // Global rate limit: no token, come back when there will be one.
-            if let Some(rate) = entry.spec.rate_limit {
-                let per_second = f64::from(rate.count) / rate.per.as_secs_f64();
-                match self
-                    .broker
-                    .take_token(&msg.task, per_second, f64::from(rate.count).max(1.0))
-                    .await
-                {
-                    Ok(Some(wait)) => {
-                        let then = vec![self.park(d, &msg, now_ms() + wait.as_millis() as i64)];
-                        return Disposition::Finish { results: vec![], then };
-                    }
-                    Ok(None) => {}
-                    Err(e) => warn!("rate limiter unavailable, running anyway: {e}"),
-                }
+            // Global rate limit: its slot is later, come back then.
+            if let Some(wait) = admission.rate_wait {
+                let then = vec![self.park(d, &msg, now_ms() + wait.as_millis() as i64)];
+                return Disposition::Finish { results: vec![], then };
             }
 
             // Run it. STARTED goes through the settler like every result, so it is stored in
             // order before the final state and costs no round trip of its own.
-            if self.opts.track_started {
+            if self.opts.track_started && !msg.ignore_result {
                 let started = self.result(
                     &msg,
                     states::STARTED,
@@ -480,7 +532,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             // They are forwarded as they come, beside the run in this same task; the run drops
             // its sender when it ends, so every report is queued before the final state and a
             // late PROGRESS cannot overwrite a FAILURE or RETRY.
-            let (progress, reports) = match entry.spec.grants.progress {
+            let (progress, reports) = match entry.spec.grants.progress && !msg.ignore_result {
                 true => {
                     let (tx, rx) = crate::runtime::progress_channel();
                     (Some(tx), Some(rx))
@@ -521,7 +573,16 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             self.classify(d, &msg, &entry.spec, report)
         }
         .instrument(span)
-        .await
+        .await;
+        // `ignore_result` (Celery's `apply_async(ignore_result=True)`): no state of this task is
+        // stored, whatever it ended as. Its children and dead letters are sent all the same.
+        match disposition {
+            Disposition::Finish { mut results, then } if ignored.is_some() => {
+                results.retain(|r| Some(&r.id) != ignored.as_ref());
+                Disposition::Finish { results, then }
+            }
+            other => other,
+        }
     }
 
     /// Turns a run's outcome into the results to store and the broker commands to run with the
@@ -550,13 +611,23 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             self.stats.revoked.fetch_add(1, Ordering::Relaxed);
             return self.finish_revoked(msg, "terminated");
         }
-        let (exc_type, message) = outcome.exception().unwrap_or_default();
+        let (mut exc_type, mut message) = outcome.exception().unwrap_or_default();
+        let retry = spec.retry.should_retry(outcome, msg.retries);
+        if !retry && let Outcome::Retry { reason, .. } = outcome {
+            // As Celery's `Task.retry` past `max_retries`: the client raises this, not `Retry`.
+            exc_type = "MaxRetriesExceededError".into();
+            let text = format!(
+                "Can't retry {}[{}] args:{} kwargs:{} ({reason})",
+                msg.task, msg.id, msg.args, msg.kwargs
+            );
+            message = crate::runtime::cap_text(text, crate::runtime::MAX_ERROR_TEXT);
+        }
         let exception = protocol::exception(&exc_type, &message);
         let traceback = match outcome {
             Outcome::Trap { backtrace: Some(bt), .. } => format!("{exc_type}: {message}\n{bt}"),
             _ => format!("{exc_type}: {message}"),
         };
-        if spec.retry.should_retry(outcome, msg.retries) {
+        if retry {
             self.stats.retried.fetch_add(1, Ordering::Relaxed);
             let delay = match outcome {
                 Outcome::Retry { countdown: Some(c), .. } => *c,
@@ -869,7 +940,8 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     /// terminate stops running copies now.
     async fn apply_revocations(&self, mut revoked: mpsc::UnboundedReceiver<Revocation>) {
         while let Some(r) = revoked.recv().await {
-            self.revoked.lock().unwrap_or_else(|p| p.into_inner()).0.extend(r.ids.iter().cloned());
+            // The listener stored the revocation in Redis before passing it on.
+            self.revocations.store(true, Ordering::Relaxed);
             if r.terminate {
                 for running in self.running().values().filter(|t| r.ids.contains(&t.id)) {
                     running.signals.terminate();
@@ -878,25 +950,79 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         }
     }
 
-    /// Mirrors the revoked set when its size changed (or on the first call).
+    /// Notes whether any revocation is in force (expired ones are pruned first).
     async fn refresh_revoked(&self) {
-        let count = match self.broker.revoked_count().await {
-            Ok(c) => c,
-            Err(e) => return warn!("reading revocations failed: {e}"),
-        };
-        {
-            let cached = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
-            if cached.1 == Some(count) && cached.2.elapsed() < REVOKED_FULL_REFRESH {
-                return;
-            }
-        }
-        match self.broker.revoked_ids().await {
-            Ok(ids) => {
-                *self.revoked.lock().unwrap_or_else(|p| p.into_inner()) =
-                    (ids.into_iter().collect(), Some(count), Instant::now())
-            }
+        match self.broker.revoked_count().await {
+            Ok(count) => self.revocations.store(count > 0, Ordering::Relaxed),
             Err(e) => warn!("reading revocations failed: {e}"),
         }
+    }
+
+    /// Decides, for a whole fetched batch at once, which messages are revoked and when each
+    /// rate-limited one may run: a round trip per batch for each (and none at all while no
+    /// revocation is in force and no task is rate limited), never one per message. Rate-limited
+    /// messages take their slots in fetch order, so a backlog runs in the order it was queued.
+    /// If Redis does not answer here, the batch runs unchecked: the fetch just succeeded, so
+    /// this is rare, and holding the messages back would gain nothing.
+    async fn admit(&self, batch: &[(Delivery, Decoded)]) -> Vec<Admission> {
+        let mut admissions = vec![Admission::default(); batch.len()];
+        let tasks: Vec<(usize, &TaskMessage)> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, decoded))| match decoded {
+                Decoded::Task(msg) => Some((i, &**msg)),
+                _ => None,
+            })
+            .collect();
+        if self.revocations.load(Ordering::Relaxed) && !tasks.is_empty() {
+            let ids: Vec<&str> = tasks.iter().map(|(_, m)| m.id.as_str()).collect();
+            match self.broker.revoked_among(&ids).await {
+                Ok(flags) => {
+                    for ((i, _), revoked) in tasks.iter().zip(flags) {
+                        admissions[*i].revoked = revoked;
+                    }
+                }
+                Err(e) => {
+                    warn!("checking {} fetched messages for revocation failed: {e}", ids.len())
+                }
+            }
+        }
+        // Messages that will not run now (revoked, expired, not due) take no token.
+        let now = Utc::now();
+        let mut limited: Vec<(&str, crate::config::RateLimit, Vec<usize>)> = Vec::new();
+        for (i, msg) in &tasks {
+            if admissions[*i].revoked || msg.expired(now) || msg.due_later(now).is_some() {
+                continue;
+            }
+            let Some(rate) = self.registry.get(&msg.task).ok().and_then(|e| e.spec.rate_limit)
+            else {
+                continue;
+            };
+            match limited.iter_mut().find(|(task, ..)| *task == msg.task) {
+                Some((.., members)) => members.push(*i),
+                None => limited.push((&msg.task, rate, vec![*i])),
+            }
+        }
+        for (task, rate, members) in limited {
+            let per_second = f64::from(rate.count) / rate.per.as_secs_f64();
+            let ids: Vec<&str> = members
+                .iter()
+                .filter_map(|i| match &batch[*i].1 {
+                    Decoded::Task(m) => Some(m.id.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let capacity = f64::from(rate.count).max(1.0);
+            match self.broker.take_tokens(task, per_second, capacity, &ids).await {
+                Ok(waits) => {
+                    for (i, wait) in members.iter().zip(waits) {
+                        admissions[*i].rate_wait = wait;
+                    }
+                }
+                Err(e) => warn!("rate limiter unavailable, running {} anyway: {e}", ids.len()),
+            }
+        }
+        admissions
     }
 
     /// Renews leases, moves due messages, notices revocations of running tasks, restores expired

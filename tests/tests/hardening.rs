@@ -88,6 +88,13 @@ async fn a_child_cannot_be_sent_into_bookkeeping_keys_or_queues_it_was_not_grant
     // The granted ones: its children's own queue and the enqueue_queues glob.
     let id = send_hostile(&b, "hostile.child_to", json!(["extra-1", null])).await;
     assert_eq!(wait_state(&r, &id, 10).await.0, "SUCCESS");
+    // The result is stored first and the child pushed with the ack right after it, so the
+    // child may land a moment after the parent's SUCCESS is visible.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.llen::<_, u64>("extra-1").unwrap() == 0 {
+        assert!(Instant::now() < deadline, "the granted child never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(c.llen::<_, u64>("extra-1").unwrap(), 1);
     let id = send_hostile(&b, "hostile.child_to", json!(["celery", null])).await;
     assert_eq!(wait_state(&r, &id, 10).await.0, "SUCCESS");
@@ -319,4 +326,159 @@ async fn terminate_and_shutdown_reach_a_task_waiting_in_a_host_call() {
     let mut c = redis.client(0);
     assert_eq!(c.llen::<_, u64>("celery").unwrap(), 1, "handed back to its queue");
     assert_eq!(c.hlen::<_, u64>("unacked").unwrap(), 0);
+}
+
+/// Redis's count of bytes sent to its clients so far.
+fn bytes_sent(c: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("stats").query(c).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("INFO stats has total_net_output_bytes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_revocations_cost_a_worker_one_lookup_per_batch() {
+    let redis = RedisServer::start();
+    let mut c = redis.client(0);
+    // A million live revocations, as a steady 100 a second leaves with a 3 h expiry.
+    let _: () = redis::Script::new(
+        "for i = 1, 1000000, 1000 do
+           local args = {}
+           for j = i, i + 999 do
+             table.insert(args, ARGV[1])
+             table.insert(args, 'revoked-' .. j)
+           end
+           redis.call('ZADD', KEYS[1], unpack(args))
+         end",
+    )
+    .key("celeriac:revoked")
+    .arg(celeriac::broker::now_secs() + 3600.0)
+    .invoke(&mut c)
+    .unwrap();
+    let (b, r) = (broker(&redis, LEASE).await, results(&redis).await);
+    let with_id = |id: &str| NewTask { id: Some(id.into()), ..NewTask::default() };
+    let revoked = send(&b, "diagnostics.noop", json!([0]), with_id("revoked-777")).await;
+    let ids: Vec<String> = futures_util::future::join_all(
+        (1..=200).map(|i| send(&b, "diagnostics.noop", json!([i]), NewTask::default())),
+    )
+    .await;
+    let before = bytes_sent(&mut c);
+    let w = start(&redis, config(|_| {}), 8, LEASE).await;
+    for id in &ids {
+        assert_eq!(wait_state(&r, id, 30).await.0, "SUCCESS");
+    }
+    let (state, meta) = wait_state(&r, &revoked, 10).await;
+    assert_eq!((state.as_str(), &meta["result"]["exc_message"]), ("REVOKED", &json!(["revoked"])));
+    // Another revocation while the worker runs: it is not a reason to read the set either.
+    client::revoke(&b, &r, &["late".to_string()], false, Duration::from_secs(600)).await.unwrap();
+    send(&b, "diagnostics.noop", json!([-1]), with_id("late")).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.llen::<_, u64>("default").unwrap() + c.hlen::<_, u64>("unacked").unwrap() > 0 {
+        assert!(Instant::now() < deadline, "the late message was never taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let w = w.stop().await;
+    let stats = &w.stats;
+    assert_eq!(stats.succeeded.load(std::sync::atomic::Ordering::Relaxed), 200);
+    // The set itself (about 14 MB of ids) never crosses the wire: what the worker read is its
+    // messages, its lookups and its bookkeeping.
+    let sent = bytes_sent(&mut c) - before;
+    assert!(sent < 2 << 20, "Redis sent {sent} bytes to a worker that took 202 messages");
+    assert_eq!(stats.revoked.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_backlog_comes_back_once_each_in_order() {
+    let redis = RedisServer::start();
+    let (b, r) = (broker(&redis, LEASE).await, results(&redis).await);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(send(&b, "diagnostics.noop", json!([i]), NewTask::default()).await);
+    }
+    let cfg = config(|c| {
+        let limit = "10/s".parse().unwrap();
+        c.tasks.insert("diagnostics.noop".into(), settings(|s| s.rate_limit = Some(limit)));
+    });
+    let started = Instant::now();
+    let w = start(&redis, cfg, 1, LEASE).await;
+    let mut done = Vec::new();
+    for id in &ids {
+        let (state, meta) = wait_state(&r, id, 15).await;
+        assert_eq!(state, "SUCCESS");
+        done.push(meta["date_done"].as_str().unwrap().to_string());
+    }
+    // A burst of 10, then 10 a second: the last cannot end before 1 s.
+    assert!(started.elapsed() >= Duration::from_millis(950), "{:?}", started.elapsed());
+    let w = w.stop().await;
+    // Each waiting message was parked once, for its own slot, and fetched once more then.
+    let fetched = w.stats.fetched.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(fetched <= 30, "{fetched} messages fetched for 20 tasks");
+    let mut in_order = done.clone();
+    in_order.sort();
+    assert_eq!(done, in_order, "run in the order they were queued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_result_stores_no_state_whatever_the_task_ends_as() {
+    let redis = RedisServer::start();
+    let mut c = redis.client(0);
+    let flag = json!({"ignore_result": true});
+    let ignored = [
+        push_raw(&mut c, "diagnostics.noop", json!([1]), flag.clone()),
+        push_raw(&mut c, "diagnostics.fail", json!(["boom"]), flag),
+    ];
+    let kept = push_raw(&mut c, "diagnostics.noop", json!([2]), json!({}));
+    let w = start(&redis, config(|_| {}), 2, LEASE).await;
+    let r = results(&redis).await;
+    assert_eq!(wait_state(&r, &kept, 10).await.0, "SUCCESS");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.llen::<_, u64>("default").unwrap() + c.hlen::<_, u64>("unacked").unwrap() > 0 {
+        assert!(Instant::now() < deadline, "messages left unsettled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let w = w.stop().await;
+    let mut backend = redis.client(1);
+    for id in &ignored {
+        let stored: Option<String> = backend.get(format!("celery-task-meta-{id}")).unwrap();
+        assert_eq!(stored, None, "no STARTED, SUCCESS or FAILURE for {id}");
+    }
+    let ran = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!((ran(&w.stats.succeeded), ran(&w.stats.failed)), (2, 1), "all three ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_the_worker_does_not_follow_is_counted_not_passed_over() {
+    use base64::Engine as _;
+    let redis = RedisServer::start();
+    let mut c = redis.client(0);
+    let link = json!({"task": "diagnostics.noop", "args": [2], "kwargs": {}, "options": {}});
+    let mut with_link = Vec::new();
+    for embed in [
+        json!({"callbacks": [link], "errbacks": null, "chain": null, "chord": null}),
+        json!({"callbacks": null, "errbacks": null, "chain": [link], "chord": null}),
+    ] {
+        let body = json!([[1], {}, embed]).to_string();
+        let body = base64::engine::general_purpose::STANDARD.encode(body);
+        with_link.push(push_raw_body(&mut c, "diagnostics.noop", &body));
+    }
+    let plain = push_raw(&mut c, "diagnostics.noop", json!([3]), json!({}));
+    let w = start(&redis, config(|_| {}), 2, LEASE).await;
+    let r = results(&redis).await;
+    for id in with_link.iter().chain([&plain]) {
+        assert_eq!(wait_state(&r, id, 10).await.0, "SUCCESS", "the task itself runs");
+    }
+    let w = w.stop().await;
+    assert_eq!(w.stats.workflow_ignored.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert!(w.stats.to_string().contains("2 with a workflow not followed"), "{}", w.stats);
+}
+
+/// A Celery message for `task` whose (base64) body is `body`, pushed raw onto `default`.
+fn push_raw_body(c: &mut redis::Connection, task: &str, body: &str) -> String {
+    let (id, envelope) =
+        protocol::encode(task, &json!([]), &json!({}), "default", &NewTask::default());
+    let mut env: Value = serde_json::from_str(&envelope).unwrap();
+    env["body"] = json!(body);
+    let _: () = c.lpush("default", env.to_string()).unwrap();
+    id
 }

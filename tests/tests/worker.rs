@@ -1,7 +1,7 @@
 //! The worker against a real Redis of its own: delivery, results, ETA, expiry, revocation,
 //! retries, dead letters, priorities, rate limits, leases, shutdown and Redis going away.
 
-use celeriac::broker::{Broker, BrokerOptions, RedisBroker};
+use celeriac::broker::{Broker, BrokerOptions, FollowUp, RedisBroker};
 use celeriac::client;
 use celeriac::config::{Config, Overrides, TaskSettings};
 use celeriac::kv::KvStore;
@@ -305,7 +305,14 @@ async fn retries_back_off_then_dead_letter_when_exhausted() {
     let doomed = send(&b, "diagnostics.flaky", json!([10]), NewTask::default()).await;
     let (state, meta) = wait_state(&r, &doomed, 15).await;
     assert_eq!(state, "FAILURE");
-    assert_eq!(meta["result"]["exc_type"], "Retry");
+    // As Celery past max_retries: the client raises MaxRetriesExceededError, not Retry.
+    assert_eq!(meta["result"]["exc_type"], "MaxRetriesExceededError");
+    assert_eq!(meta["result"]["exc_module"], "celery.exceptions");
+    let text = meta["result"]["exc_message"][0].as_str().unwrap();
+    assert!(
+        text.starts_with(&format!("Can't retry diagnostics.flaky[{doomed}] args:[10]")),
+        "{text}"
+    );
     let letters = client::dlq_list(&b, "default", 10).await.unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0]["reason"], "retries_exhausted");
@@ -323,6 +330,33 @@ async fn retries_back_off_then_dead_letter_when_exhausted() {
     assert!(client::dlq_list(&b, "default", 10).await.unwrap().is_empty());
     let _: () = redis.client(0).lpush("celeriac:dlq:default", "{}").unwrap();
     assert_eq!(b.dlq_purge("default").await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_dead_letter_loses_an_expiry_that_has_passed_and_keeps_one_ahead() {
+    let redis = RedisServer::start();
+    let b = broker(&redis, Duration::from_secs(30)).await;
+    let now = chrono::Utc::now();
+    for (id, expires) in
+        [("past", now - chrono::Duration::hours(1)), ("ahead", now + chrono::Duration::hours(1))]
+    {
+        let opts = NewTask { id: Some(id.into()), expires: Some(expires), ..NewTask::default() };
+        let (_, envelope) =
+            protocol::encode("diagnostics.noop", &json!([1]), &json!({}), "default", &opts);
+        let record = json!({"reason": "failed", "id": id, "queue": "default", "message": envelope, "message_encoding": "utf-8"});
+        b.send(&[FollowUp::DeadLetter { queue: "default".into(), record: record.to_string() }])
+            .await
+            .unwrap();
+    }
+    assert_eq!(client::dlq_replay(&b, "default", None).await.unwrap(), 2);
+    let queued: Vec<String> = redis.client(0).lrange("default", 0, -1).unwrap();
+    let mut expiries: Vec<(String, bool)> = queued
+        .iter()
+        .map(|m| protocol::decode(m.as_bytes()).unwrap())
+        .map(|m| (m.id, m.expires.is_some()))
+        .collect();
+    expiries.sort();
+    assert_eq!(expiries, [("ahead".to_string(), true), ("past".to_string(), false)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,6 +29,8 @@ struct State {
     dlq: HashMap<String, VecDeque<String>>,
     /// Task -> (tokens, last refill ms).
     buckets: HashMap<String, (f64, i64)>,
+    /// Per task: the slot (ms) reserved for each waiting message id.
+    rate_slots: HashMap<String, HashMap<String, i64>>,
     results: HashMap<String, String>,
 }
 
@@ -213,26 +215,40 @@ impl Broker for MemoryBroker {
         Ok(due.len() as u64)
     }
 
-    async fn take_token(
+    async fn take_tokens(
         &self,
         task: &str,
         per_second: f64,
         capacity: f64,
-    ) -> BrokerResult<Option<Duration>> {
+        ids: &[&str],
+    ) -> BrokerResult<Vec<Option<Duration>>> {
         let mut st = self.lock();
         let now = now_ms();
         let (tokens, at) = st.buckets.get(task).copied().unwrap_or((capacity, now));
-        let tokens = (tokens + (now - at) as f64 * per_second / 1000.0).min(capacity);
-        let (left, wait) = if tokens >= 1.0 {
-            (tokens - 1.0, None)
-        } else {
-            (
-                tokens,
-                Some(Duration::from_millis(((1.0 - tokens) * 1000.0 / per_second).ceil() as u64)),
-            )
-        };
-        st.buckets.insert(task.to_string(), (left, now));
-        Ok(wait)
+        let mut tokens = (tokens + (now - at).max(0) as f64 * per_second / 1000.0).min(capacity);
+        let slots = st.rate_slots.entry(task.to_string()).or_default();
+        let mut waits = Vec::with_capacity(ids.len());
+        for id in ids {
+            let wait = match slots.get(*id).copied() {
+                Some(slot) if slot > now => Some(slot - now),
+                Some(_) => {
+                    slots.remove(*id);
+                    None
+                }
+                None => {
+                    tokens -= 1.0;
+                    (tokens < 0.0).then(|| {
+                        let wait = (-tokens * 1000.0 / per_second).ceil() as i64;
+                        slots.insert(id.to_string(), now + wait);
+                        wait
+                    })
+                }
+            };
+            waits.push(wait.map(|w| Duration::from_millis(w as u64)));
+        }
+        slots.retain(|_, slot| *slot > now - 3_600_000);
+        st.buckets.insert(task.to_string(), (tokens, now.max(at)));
+        Ok(waits)
     }
 
     async fn revoke(&self, ids: &[String], ttl: Duration, terminate: bool) -> BrokerResult<()> {
@@ -251,24 +267,18 @@ impl Broker for MemoryBroker {
     }
 
     async fn revoked_count(&self) -> BrokerResult<u64> {
-        Ok(self.lock().revoked.len() as u64)
+        let now = now_secs();
+        let mut st = self.lock();
+        st.revoked.retain(|_, e| *e > now);
+        Ok(st.revoked.len() as u64)
     }
 
-    async fn revoked_ids(&self) -> BrokerResult<Vec<String>> {
-        let now = now_secs();
-        Ok(self
-            .lock()
-            .revoked
-            .iter()
-            .filter(|(_, e)| **e > now)
-            .map(|(id, _)| id.clone())
-            .collect())
+    async fn revoked_among(&self, ids: &[&str]) -> BrokerResult<Vec<bool>> {
+        Ok(flagged(&self.lock().revoked, ids))
     }
 
     async fn terminating(&self, ids: &[&str]) -> BrokerResult<Vec<bool>> {
-        let st = self.lock();
-        let now = now_secs();
-        Ok(ids.iter().map(|id| st.terminate.get(*id).is_some_and(|e| *e > now)).collect())
+        Ok(flagged(&self.lock().terminate, ids))
     }
 
     async fn queue_len(&self, queue: &str) -> BrokerResult<u64> {
@@ -350,4 +360,10 @@ impl ResultStore for MemoryBroker {
     async fn get(&self, id: &str) -> BrokerResult<Option<String>> {
         Ok(self.lock().results.get(id).cloned())
     }
+}
+
+/// Which of `ids` are in `set` with an expiry still ahead.
+fn flagged(set: &HashMap<String, f64>, ids: &[&str]) -> Vec<bool> {
+    let now = now_secs();
+    ids.iter().map(|id| set.get(*id).is_some_and(|e| *e > now)).collect()
 }

@@ -193,13 +193,18 @@ pub trait Broker: Clone + Send + Sync + 'static {
     /// Moves scheduled messages that are due onto their queues; returns how many.
     fn move_due(&self) -> impl Future<Output = BrokerResult<u64>> + Send;
 
-    /// Takes a token from the global bucket of `task`: `None` when allowed now, else the wait.
-    fn take_token(
+    /// Admits the messages `ids` of `task`, in this order, through its global token bucket:
+    /// for each, `None` when it may run now, else how long until its own slot. A message that
+    /// must wait is given a slot of its own (the bucket goes below zero), so a backlog comes
+    /// back once, spread out in order, and a message back at its slot runs without taking
+    /// another token.
+    fn take_tokens(
         &self,
         task: &str,
         per_second: f64,
         capacity: f64,
-    ) -> impl Future<Output = BrokerResult<Option<Duration>>> + Send;
+        ids: &[&str],
+    ) -> impl Future<Output = BrokerResult<Vec<Option<Duration>>>> + Send;
 
     /// Revokes task ids for `ttl`; with `terminate` running ones are to be stopped too.
     fn revoke(
@@ -209,11 +214,12 @@ pub trait Broker: Clone + Send + Sync + 'static {
         terminate: bool,
     ) -> impl Future<Output = BrokerResult<()>> + Send;
 
-    /// How many revocations are stored (a cheap change detector).
+    /// How many revocations are stored, expired ones first pruned: zero means no fetched
+    /// message needs checking.
     fn revoked_count(&self) -> impl Future<Output = BrokerResult<u64>> + Send;
 
-    /// Every task id whose revocation has not expired.
-    fn revoked_ids(&self) -> impl Future<Output = BrokerResult<Vec<String>>> + Send;
+    /// Which of `ids` are revoked (and the revocation has not expired).
+    fn revoked_among(&self, ids: &[&str]) -> impl Future<Output = BrokerResult<Vec<bool>>> + Send;
 
     /// Which of `ids` were revoked with terminate.
     fn terminating(&self, ids: &[&str]) -> impl Future<Output = BrokerResult<Vec<bool>>> + Send;

@@ -215,11 +215,11 @@ return restored
 "#;
 
 /// Moves due members of the scheduled set (`<list key>\n<envelope>`, scored by due time in ms)
-/// onto their lists with RPUSH, so they are served next. ZREM and RPUSH happen together, so two
-/// workers moving at once cannot duplicate a message. A member whose list key is not a list, or
-/// that has no list at all, is dead-lettered rather than left first in line, where it would stop
-/// every later ETA, retry and rate-limited message; one that cannot even be dead-lettered is
-/// pushed a minute back.
+/// onto their lists with RPUSH, so they are served next, in the order they fell due. ZREM and
+/// RPUSH happen together, so two workers moving at once cannot duplicate a message. A member
+/// whose list key is not a list, or that has no list at all, is dead-lettered rather than left
+/// first in line, where it would stop every later ETA, retry and rate-limited message; one that
+/// cannot even be dead-lettered is pushed a minute back.
 /// KEYS: scheduled. ARGV: now (ms), limit, global prefix, now (ISO), dead-letter key prefix.
 const MOVE_DUE: &str = r#"
 local NOW_ISO = ARGV[4]
@@ -229,7 +229,9 @@ local DLQ_PREFIX = ARGV[5]
 const MOVE_DUE_BODY: &str = r#"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local moved = 0
-for _, member in ipairs(due) do
+-- Latest first: each RPUSH goes in front of the one before, so the earliest is served first.
+for k = #due, 1, -1 do
+  local member = due[k]
   local nl = string.find(member, '\n', 1, true)
   local handled
   if nl then
@@ -289,22 +291,44 @@ end
 return 0
 "#;
 
-/// A token bucket refilled continuously at ARGV[1] tokens per second up to ARGV[2]; takes one
-/// token or says how many milliseconds until one is available. KEYS: the bucket. ARGV: rate,
-/// capacity, now (ms).
-const TAKE_TOKEN: &str = r#"
+/// A token bucket refilled continuously at ARGV[1] tokens per second up to ARGV[2], through which
+/// the messages ARGV[4..] pass in order. Each takes a token; with none left, the bucket goes
+/// below zero and the message gets the time its token will exist, recorded as its slot (by id,
+/// in the slots set). A message back at its slot runs without taking another token; one back
+/// before it (restored after a crash) is told to wait for it. Slots never claimed (the message
+/// was revoked meanwhile) are dropped an hour after their time.
+/// KEYS: the bucket, its slots. ARGV: rate, capacity, now (ms), ids. Returns the wait of each
+/// id in milliseconds, 0 to run now.
+const TAKE_TOKENS: &str = r#"
 local rate = tonumber(ARGV[1])
 local cap = tonumber(ARGV[2])
 local now = tonumber(ARGV[3])
 local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
 local tokens = tonumber(b[1]) or cap
 local at = tonumber(b[2]) or now
-tokens = math.min(cap, tokens + (now - at) * rate / 1000)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) * 1000 / rate) end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(cap * 1000 / rate) + 1000)
-return wait
+tokens = math.min(cap, tokens + math.max(0, now - at) * rate / 1000)
+local waits = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local slot = tonumber(redis.call('ZSCORE', KEYS[2], id))
+  local wait = 0
+  if slot then
+    if slot > now then wait = slot - now else redis.call('ZREM', KEYS[2], id) end
+  else
+    tokens = tokens - 1
+    if tokens < 0 then
+      wait = math.ceil(-tokens * 1000 / rate)
+      redis.call('ZADD', KEYS[2], now + wait, id)
+    end
+  end
+  table.insert(waits, wait)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(math.max(at, now)))
+local ttl = math.ceil((cap - tokens) * 1000 / rate) + 1000
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 3600000)
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ttl + 3600000) end
+return waits
 "#;
 
 /// Takes one record off a dead-letter list and, only if it was there, pushes its message onto a
@@ -339,7 +363,7 @@ pub struct RedisBroker {
     restore: Script,
     move_due: Script,
     settle: Script,
-    take_token: Script,
+    take_tokens: Script,
     dlq_replay: Script,
 }
 
@@ -373,7 +397,7 @@ impl RedisBroker {
             restore: Script::new(&format!("{RESTORE}{LUA_DEAD_LETTER}{RESTORE_BODY}")),
             move_due: Script::new(&format!("{MOVE_DUE}{LUA_DEAD_LETTER}{MOVE_DUE_BODY}")),
             settle: Script::new(SETTLE),
-            take_token: Script::new(TAKE_TOKEN),
+            take_tokens: Script::new(TAKE_TOKENS),
             dlq_replay: Script::new(DLQ_REPLAY),
         })
     }
@@ -638,21 +662,27 @@ impl Broker for RedisBroker {
             .await?)
     }
 
-    async fn take_token(
+    async fn take_tokens(
         &self,
         task: &str,
         per_second: f64,
         capacity: f64,
-    ) -> BrokerResult<Option<Duration>> {
-        let wait: i64 = self
-            .take_token
+        ids: &[&str],
+    ) -> BrokerResult<Vec<Option<Duration>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let waits: Vec<i64> = self
+            .take_tokens
             .key(self.own(&format!("rate:{task}")))
+            .key(self.own(&format!("rate-slots:{task}")))
             .arg(per_second)
             .arg(capacity)
             .arg(now_ms())
+            .arg(ids)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok((wait > 0).then(|| Duration::from_millis(wait as u64)))
+        Ok(waits.into_iter().map(|w| (w > 0).then(|| Duration::from_millis(w as u64))).collect())
     }
 
     async fn revoke(&self, ids: &[String], ttl: Duration, terminate: bool) -> BrokerResult<()> {
@@ -668,11 +698,21 @@ impl Broker for RedisBroker {
     }
 
     async fn revoked_count(&self) -> BrokerResult<u64> {
-        Ok(self.conn.clone().zcard(self.own("revoked")).await?)
+        let key = self.own("revoked");
+        let (count,): (u64,) = redis::pipe()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(now_secs())
+            .ignore()
+            .zcard(&key)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(count)
     }
 
-    async fn revoked_ids(&self) -> BrokerResult<Vec<String>> {
-        Ok(self.conn.clone().zrangebyscore(self.own("revoked"), now_secs(), "+inf").await?)
+    async fn revoked_among(&self, ids: &[&str]) -> BrokerResult<Vec<bool>> {
+        Ok(self.flagged("revoked", ids).await?)
     }
 
     async fn terminating(&self, ids: &[&str]) -> BrokerResult<Vec<bool>> {
