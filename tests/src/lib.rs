@@ -1,5 +1,7 @@
 //! Shared helpers for celeriac's integration tests (in `tests/`).
 
+pub mod mutate;
+
 use celeriac::runtime::{
     Grants, Invocation, Limits, Module, RunEnv, RunReport, Runtime, RuntimeConfig,
 };

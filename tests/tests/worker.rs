@@ -28,6 +28,11 @@ pub(crate) struct TestWorker {
 }
 
 impl TestWorker {
+    /// The running worker, for its counters.
+    pub(crate) fn worker(&self) -> &Worker<RedisBroker, ResultBackend> {
+        &self.worker
+    }
+
     pub(crate) async fn stop(mut self) -> Arc<Worker<RedisBroker, ResultBackend>> {
         self.stop.cancel();
         self.handle.take().unwrap().await.unwrap().unwrap();
