@@ -1231,4 +1231,64 @@ mod tests {
         // Expected 6000 of 7000; allow for chance.
         assert!((5700..6300).contains(&high_first), "{high_first}");
     }
+
+    /// The structural half of "a panic never strands a message": whatever panicked (here the
+    /// decoder, reported as the fetch loop reports it) the delivery is settled: FAILURE stored,
+    /// the message dead-lettered with the panic, nothing left unacked, and the worker goes on.
+    #[tokio::test]
+    async fn a_panic_while_handling_a_delivery_settles_it_as_celeriacs_own_failure() {
+        use super::{Admission, Decoded, Worker, WorkerOptions};
+        use crate::broker::{Broker as _, MemoryBroker};
+        use crate::config::{Config, Overrides};
+        use crate::protocol::NewTask;
+        use crate::runtime::Signals;
+        use serde_json::{Value, json};
+        use std::sync::Arc;
+        use tokio_util::sync::CancellationToken;
+
+        let modules = tempfile::tempdir().unwrap();
+        let overrides = Overrides { modules: Some(modules.path().into()), ..Overrides::default() };
+        let config = Config::load(None, &overrides).unwrap();
+        let registry = Arc::new(crate::registry::Registry::load(&config, 1).await.unwrap());
+        let broker = MemoryBroker::new(Duration::from_secs(30));
+        let opts = WorkerOptions {
+            queues: vec!["default".into()],
+            concurrency: 1,
+            hostname: "celeriac@unit".into(),
+            grace: Duration::from_secs(1),
+            revoke_ttl: Duration::from_secs(60),
+            track_started: true,
+            weights: Vec::new(),
+        };
+        let kv = crate::kv::KvStore::memory();
+        let worker = Worker::new(registry, broker.clone(), broker.clone(), kv, opts);
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(worker.clone().run(stop.clone()));
+
+        // On a queue the worker does not consume, taken here as its fetch loop takes messages.
+        let args = (&json!([1]), &json!({}));
+        let id =
+            crate::client::enqueue(&broker, "t.x", args.0, args.1, "side", &NewTask::default())
+                .await
+                .unwrap();
+        let d = broker.fetch(&["side".into()], 1, "unit.").await.unwrap().remove(0);
+        let (tag, panic) = (d.tag.clone(), Decoded::Panicked("index out of bounds".into()));
+        worker.process(d, panic, Admission::default(), Signals::default(), stop.clone()).await;
+        stop.cancel();
+        running.await.unwrap().unwrap();
+
+        let (state, meta) = crate::client::status(&broker, &id).await.unwrap();
+        assert_eq!(state, "FAILURE");
+        assert_eq!(meta.unwrap()["result"]["exc_type"], "HostError");
+        let letters = broker.dlq_records("side", 10).await.unwrap();
+        assert_eq!(letters.len(), 1);
+        let letter: Value = serde_json::from_str(&letters[0]).unwrap();
+        assert_eq!(letter["reason"], "host_error");
+        assert!(letter["error"].as_str().unwrap().contains("index out of bounds"), "{letter}");
+        // Acked: an expired lease brings nothing back.
+        broker.expire_leases(&[tag]).await.unwrap();
+        broker.restore_expired().await.unwrap();
+        assert_eq!(broker.queue_len("side").await.unwrap(), 0);
+        assert_eq!(worker.stats.failed.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
 }
