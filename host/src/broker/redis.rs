@@ -283,10 +283,9 @@ while i <= #ARGV do
   i = i + 3
 end
 if ntags > 0 then
-  local tags = {unpack(ARGV, 2, ntags + 1)}
-  redis.call('HDEL', KEYS[1], unpack(tags))
-  redis.call('ZREM', KEYS[2], unpack(tags))
-  redis.call('ZREM', KEYS[3], unpack(tags))
+  redis.call('HDEL', KEYS[1], unpack(ARGV, 2, ntags + 1))
+  redis.call('ZREM', KEYS[2], unpack(ARGV, 2, ntags + 1))
+  redis.call('ZREM', KEYS[3], unpack(ARGV, 2, ntags + 1))
 end
 return 0
 "#;
