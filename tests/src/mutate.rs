@@ -7,15 +7,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 /// The message Python's `add.apply_async((2, 3))` leaves in Redis (celery 5.7).
-pub const CAPTURED: &str = r#"{"body": "W1syLCAzXSwge30sIHsiY2FsbGJhY2tzIjogbnVsbCwgImVycmJhY2tzIjogbnVsbCwgImNoYWluIjogbnVsbCwgImNob3JkIjogbnVsbH1d",
- "content-encoding": "utf-8", "content-type": "application/json",
- "headers": {"lang": "py", "task": "tasks.add", "id": "11111111-2222-3333-4444-555555555555", "shadow": null,
-   "eta": null, "expires": null, "group": null, "group_index": null, "retries": 0, "timelimit": [null, null],
-   "root_id": "11111111-2222-3333-4444-555555555555", "parent_id": null, "argsrepr": "(2, 3)", "kwargsrepr": "{}",
-   "origin": "gen6293@vm", "ignore_result": false, "replaced_task_nesting": 0, "stamped_headers": null, "stamps": {}},
- "properties": {"correlation_id": "11111111-2222-3333-4444-555555555555", "reply_to": "816922e5-3d4b-3ae9-b6cc-bd0830d1278b",
-   "delivery_mode": 2, "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 0,
-   "body_encoding": "base64", "delivery_tag": "c2a2ff87-f047-4605-8984-b5a119d7a265"}}"#;
+pub const CAPTURED: &str = include_str!("../fixtures/celery-5.7-add.json");
 
 /// A small deterministic generator (splitmix64).
 pub struct Rng(u64);

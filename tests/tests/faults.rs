@@ -1,7 +1,7 @@
 //! The ugly cases: a worker killed with -9 in the middle of a run.
 
 use crate::worker::{broker, config, results, start};
-use celeriac::broker::Broker;
+use celeriac::broker::{Broker, RedisBroker};
 use celeriac::client;
 use celeriac::protocol::NewTask;
 use celeriac_tests::{RedisServer, celeriac_binary, repo_root, test_cache_dir};
@@ -38,29 +38,10 @@ async fn killed_worker_loses_no_task() {
     const N: usize = 200;
     let mut ids = Vec::new();
     for _ in 0..N {
-        ids.push(
-            client::enqueue(
-                &b,
-                "diagnostics.sleep",
-                &json!([25]),
-                &json!({}),
-                "default",
-                &NewTask::default(),
-            )
-            .await
-            .unwrap(),
-        );
+        ids.push(enqueue(&b, "diagnostics.sleep", json!([25]), "default").await);
     }
-    let mut victim = Command::new(celeriac_binary())
-        .args(["worker", "-Q", "default", "-c", "4", "--lease", "1s"])
-        .current_dir(repo_root())
-        .env("CELERY_BROKER_URL", redis.url(0))
-        .env("CELERY_RESULT_BACKEND", redis.url(1))
-        .env("CELERIAC_CACHE", test_cache_dir())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut victim =
+        worker_command(&redis, &["-Q", "default", "-c", "4", "--lease", "1s"]).spawn().unwrap();
     // Kill it in the middle of the batch.
     let start_wait = Instant::now();
     while b.queue_len("default").await.unwrap() > (N as u64) * 3 / 4 {
@@ -99,38 +80,14 @@ async fn the_worker_logs_one_line_per_task() {
     let redis = RedisServer::start();
     let (b, r) = (broker(&redis, Duration::from_secs(30)).await, results(&redis).await);
     let log = tempfile::NamedTempFile::new().unwrap();
-    let mut worker = Command::new(celeriac_binary())
-        .args(["worker", "-Q", "default", "-c", "2"])
-        .current_dir(repo_root())
-        .env("CELERY_BROKER_URL", redis.url(0))
-        .env("CELERY_RESULT_BACKEND", redis.url(1))
-        .env("CELERIAC_CACHE", test_cache_dir())
+    let mut worker = worker_command(&redis, &["-Q", "default", "-c", "2"])
         .env("CELERIAC_LOG", "info")
         .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
         .stderr(log.reopen().unwrap())
         .spawn()
         .unwrap();
-    let ok = client::enqueue(
-        &b,
-        "diagnostics.noop",
-        &json!([1]),
-        &json!({}),
-        "default",
-        &NewTask::default(),
-    )
-    .await
-    .unwrap();
-    let failed = client::enqueue(
-        &b,
-        "diagnostics.fail",
-        &json!(["no"]),
-        &json!({}),
-        "default",
-        &NewTask::default(),
-    )
-    .await
-    .unwrap();
+    let ok = enqueue(&b, "diagnostics.noop", json!([1]), "default").await;
+    let failed = enqueue(&b, "diagnostics.fail", json!(["no"]), "default").await;
     for id in [&ok, &failed] {
         client::wait(&r, id, Duration::from_secs(30)).await.unwrap();
     }
@@ -155,9 +112,10 @@ async fn the_worker_logs_one_line_per_task() {
     }
 }
 
-/// The worker binary on `redis` with `args`, its log discarded.
-fn spawn_worker(redis: &RedisServer, args: &[&str]) -> std::process::Child {
-    Command::new(celeriac_binary())
+/// The worker binary on `redis` with `args`, its output discarded unless the caller redirects it.
+fn worker_command(redis: &RedisServer, args: &[&str]) -> Command {
+    let mut command = Command::new(celeriac_binary());
+    command
         .arg("worker")
         .args(args)
         .current_dir(repo_root())
@@ -165,9 +123,13 @@ fn spawn_worker(redis: &RedisServer, args: &[&str]) -> std::process::Child {
         .env("CELERY_RESULT_BACKEND", redis.url(1))
         .env("CELERIAC_CACHE", test_cache_dir())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::null());
+    command
+}
+
+/// Sends `task` with `args` to `queue`.
+async fn enqueue(b: &RedisBroker, task: &str, args: Value, queue: &str) -> String {
+    client::enqueue(b, task, &args, &json!({}), queue, &NewTask::default()).await.unwrap()
 }
 
 fn sigterm(child: &std::process::Child) {
@@ -181,17 +143,9 @@ fn sigterm(child: &std::process::Child) {
 async fn a_second_sigterm_stops_running_tasks_now_and_hands_them_back() {
     let redis = RedisServer::start();
     let (b, r) = (broker(&redis, Duration::from_secs(30)).await, results(&redis).await);
-    let id = client::enqueue(
-        &b,
-        "diagnostics.spin",
-        &json!([60_000]),
-        &json!({}),
-        "default",
-        &NewTask::default(),
-    )
-    .await
-    .unwrap();
-    let mut worker = spawn_worker(&redis, &["-Q", "default", "-c", "1", "--grace", "5m"]);
+    let id = enqueue(&b, "diagnostics.spin", json!([60_000]), "default").await;
+    let mut worker =
+        worker_command(&redis, &["-Q", "default", "-c", "1", "--grace", "5m"]).spawn().unwrap();
     let mut backend = redis.client(1);
     let key = format!("celery-task-meta-{id}");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -236,20 +190,11 @@ async fn without_q_a_busy_queue_does_not_starve_the_others() {
     let mut ids: HashMap<String, &str> = HashMap::new();
     for i in 0..150 {
         for queue in ["celery", "default"] {
-            let id = client::enqueue(
-                &b,
-                "diagnostics.noop",
-                &json!([i]),
-                &json!({}),
-                queue,
-                &NewTask::default(),
-            )
-            .await
-            .unwrap();
+            let id = enqueue(&b, "diagnostics.noop", json!([i]), queue).await;
             ids.insert(id, queue);
         }
     }
-    let mut worker = spawn_worker(&redis, &["-c", "1"]);
+    let mut worker = worker_command(&redis, &["-c", "1"]).spawn().unwrap();
     let mut backend = redis.client(1);
     let keys: Vec<String> = ids.keys().map(|id| format!("celery-task-meta-{id}")).collect();
     let deadline = Instant::now() + Duration::from_secs(60);

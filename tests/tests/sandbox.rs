@@ -476,15 +476,22 @@ async fn component_of_the_wrong_world_is_rejected_at_load() {
     );
 }
 
+/// A small runtime caching compiled modules in `dir`, and the diagnostics component.
+fn with_disk_cache(
+    dir: &std::path::Path,
+) -> (celeriac::runtime::RuntimeConfig, std::path::PathBuf) {
+    let config = celeriac::runtime::RuntimeConfig {
+        max_instances: 4,
+        cache_dir: Some(dir.to_path_buf()),
+        ..Default::default()
+    };
+    (config, std::path::Path::new(celeriac::BUILT_TASKS_DIR).join("diagnostics.wasm"))
+}
+
 #[tokio::test]
 async fn compiled_modules_are_reused_from_the_disk_cache() {
     let cache = tempfile::tempdir().unwrap();
-    let config = celeriac::runtime::RuntimeConfig {
-        max_instances: 4,
-        cache_dir: Some(cache.path().to_path_buf()),
-        ..Default::default()
-    };
-    let path = std::path::Path::new(celeriac::BUILT_TASKS_DIR).join("diagnostics.wasm");
+    let (config, path) = with_disk_cache(cache.path());
     let first = celeriac::runtime::Runtime::new(config.clone()).unwrap();
     assert_eq!(first.load_module(&path).await.unwrap().compiled, Compiled::Fresh);
     drop(first);
@@ -510,12 +517,7 @@ async fn compiled_modules_are_reused_from_the_disk_cache() {
 async fn a_module_cache_other_users_could_write_is_refused() {
     use std::os::unix::fs::PermissionsExt as _;
     let cache = tempfile::tempdir().unwrap();
-    let config = celeriac::runtime::RuntimeConfig {
-        max_instances: 4,
-        cache_dir: Some(cache.path().to_path_buf()),
-        ..Default::default()
-    };
-    let path = std::path::Path::new(celeriac::BUILT_TASKS_DIR).join("diagnostics.wasm");
+    let (config, path) = with_disk_cache(cache.path());
     let load = || async {
         let rt = celeriac::runtime::Runtime::new(config.clone()).unwrap();
         rt.load_module(&path).await.unwrap().compiled
