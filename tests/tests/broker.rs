@@ -1,7 +1,9 @@
 //! One conformance suite, run against both brokers: the Redis broker (a real `redis-server` of
 //! the test's own) and the in-memory one behave the same.
 
-use celeriac::broker::{Broker, BrokerOptions, FollowUp, MemoryBroker, RedisBroker, now_ms};
+use celeriac::broker::{
+    Broker, BrokerOptions, FollowUp, MemoryBroker, RedisBroker, lease_of, now_ms, now_secs,
+};
 use celeriac::protocol::{self, NewTask};
 use redis::Commands;
 use serde_json::json;
@@ -198,10 +200,10 @@ conformance!(
     a_dead_letter_replays_once,
 );
 
-/// Our leases are renewed in kombu's `unacked_index` and in celeriac's lease set: an entry of ours
-/// that missed its renewals for a lease is restored, a Python worker's entry of the same age is
-/// left until kombu's visibility timeout (its task may still be running), and a renewal keeps
-/// ours in place.
+/// Our deliveries are renewed in kombu's `unacked_index`, and their fetch's lease in celeriac's
+/// lease set: the messages of a fetch whose lease missed its renewals are restored, a Python
+/// worker's entry of the same age is left until kombu's visibility timeout (its task may still be
+/// running), and a renewal keeps a fetch of ours in place.
 #[tokio::test]
 async fn only_our_entries_are_restored_before_the_visibility_timeout() {
     let redis = celeriac_tests::RedisServer::start();
@@ -212,7 +214,8 @@ async fn only_our_entries_are_restored_before_the_visibility_timeout() {
     };
     let b = RedisBroker::connect(&redis.url(0), opts).await.unwrap();
     b.send(&[message("ours", "q", 0), message("renewed", "q", 0)]).await.unwrap();
-    let got = b.fetch(&queues(&["q"]), 2, "w1.").await.unwrap();
+    let mut got = b.fetch(&queues(&["q"]), 1, "w1.").await.unwrap();
+    got.extend(b.fetch(&queues(&["q"]), 1, "w1b.").await.unwrap());
     assert!(got.iter().all(|d| d.tag.starts_with(celeriac::broker::OWN_TAG)));
     // A Python worker's delivery, as kombu records it: its envelope under a UUID tag.
     let (_, envelope) =
@@ -221,12 +224,12 @@ async fn only_our_entries_are_restored_before_the_visibility_timeout() {
     let entry = format!(r#"[{envelope},"","q"]"#);
     let _: () = c.hset("unacked", "5d0b3e0c-python-tag", entry).unwrap();
     // All three were delivered 50 s ago: past the lease, within the visibility timeout.
-    let old = celeriac::broker::now_secs() - 50.0;
+    let old = now_secs() - 50.0;
     for tag in [got[0].tag.as_str(), got[1].tag.as_str(), "5d0b3e0c-python-tag"] {
         let _: () = c.zadd("unacked_index", tag, old).unwrap();
     }
-    for tag in [got[0].tag.as_str(), got[1].tag.as_str()] {
-        let _: () = c.zadd("celeriac:leases", tag, old).unwrap();
+    for d in &got {
+        let _: () = c.zadd("celeriac:leases", lease_of(&d.tag).unwrap(), old).unwrap();
     }
     b.renew(&[got[1].tag.clone()]).await.unwrap();
     assert_eq!(b.restore_expired().await.unwrap(), Some(1));
@@ -234,10 +237,44 @@ async fn only_our_entries_are_restored_before_the_visibility_timeout() {
     assert!(c.hexists::<_, _, bool>("unacked", "5d0b3e0c-python-tag").unwrap());
     assert!(c.hexists::<_, _, bool>("unacked", &got[1].tag).unwrap());
     // Past the visibility timeout the Python worker's entry is restored too.
-    let _: () = c
-        .zadd("unacked_index", "5d0b3e0c-python-tag", celeriac::broker::now_secs() - 101.0)
-        .unwrap();
+    let _: () = c.zadd("unacked_index", "5d0b3e0c-python-tag", now_secs() - 101.0).unwrap();
     assert_eq!(b.restore_expired().await.unwrap(), Some(1));
     let back = b.fetch(&queues(&["q"]), 10, "w3.").await.unwrap();
     assert_eq!(protocol::decode(&back[0].payload).unwrap().task, "py.task");
+}
+
+/// A fetch takes one lease for all its messages. The lease stays while any of them is unsettled
+/// and goes with the last settlement; if the worker dies, the restore brings back exactly the
+/// messages of that fetch that were never settled.
+#[tokio::test]
+async fn a_fetch_holds_one_lease_until_its_last_message_is_settled() {
+    let redis = celeriac_tests::RedisServer::start();
+    let opts = BrokerOptions { lease: Duration::from_secs(10), ..BrokerOptions::default() };
+    let b = RedisBroker::connect(&redis.url(0), opts).await.unwrap();
+    let mut c = redis.client(0);
+    b.send(&[message("a", "q", 0), message("b", "q", 0), message("c", "q", 0)]).await.unwrap();
+    let got = b.fetch(&queues(&["q"]), 8, "w1.").await.unwrap();
+    assert_eq!(got.len(), 3);
+    let lease = lease_of(&got[0].tag).unwrap();
+    assert!(got.iter().all(|d| lease_of(&d.tag) == Some(lease)));
+    let leases: Vec<String> = c.zrange("celeriac:leases", 0, -1).unwrap();
+    assert_eq!(leases, [lease], "one lease for the fetch");
+
+    b.settle(&[(got[0].tag.as_str(), &[]), (got[1].tag.as_str(), &[])]).await.unwrap();
+    assert_eq!(c.zcard::<_, u64>("celeriac:leases").unwrap(), 1, "one message is still out");
+    b.settle(&[(got[2].tag.as_str(), &[])]).await.unwrap();
+    assert_eq!(c.zcard::<_, u64>("celeriac:leases").unwrap(), 0, "the last settlement ends it");
+
+    // A worker that dies after settling one of three: the other two come back, once each.
+    b.send(&[message("d", "q", 0), message("e", "q", 0), message("f", "q", 0)]).await.unwrap();
+    let got = b.fetch(&queues(&["q"]), 8, "w2.").await.unwrap();
+    b.settle(&[(got[1].tag.as_str(), &[])]).await.unwrap();
+    let lease = lease_of(&got[0].tag).unwrap();
+    let _: () = c.zadd("celeriac:leases", lease, now_secs() - 60.0).unwrap();
+    assert_eq!(b.restore_expired().await.unwrap(), Some(2));
+    assert_eq!(ids(&b.fetch(&queues(&["q"]), 8, "w3.").await.unwrap()), ["d", "f"]);
+    assert!(
+        !c.zrange::<_, Vec<String>>("celeriac:leases", 0, -1).unwrap().contains(&lease.to_string())
+    );
+    assert_eq!(b.restore_expired().await.unwrap(), Some(0), "nothing comes back twice");
 }

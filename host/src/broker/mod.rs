@@ -3,9 +3,11 @@
 //! (`tests/tests/broker.rs`): [`RedisBroker`], in kombu's layout so Python Celery workers and
 //! celeriac share queues, and [`MemoryBroker`] (`memory://`), for `celeriac demo` and fast tests.
 
+mod leases;
 mod memory;
 mod redis;
 
+pub use self::leases::lease_of;
 pub use self::memory::MemoryBroker;
 pub use self::redis::{OWN_TAG, RedisBroker, connect};
 

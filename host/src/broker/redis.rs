@@ -7,19 +7,24 @@
 //! `unacked_index` until it is acked.
 //!
 //! celeriac's own keys, under `celeriac:`: `scheduled` (ETA messages, by due time),
-//! `dlq:<queue>`, `leases` (our delivery tags, by last renewal), `revoked` (task id -> expiry),
+//! `dlq:<queue>`, `leases` (our fetches, by last renewal), `revoked` (task id -> expiry),
 //! `terminate`, `rate:<task>` (token buckets), `kv:<namespace>:<key>`.
 //!
-//! A delivery of ours is recorded in kombu's `unacked` and `unacked_index`, and also in
-//! `leases`; our delivery tags start with [`OWN_TAG`]. A running task's entry is re-scored to the
-//! current time in both sorted sets at every renewal. Restoring looks for ours in `leases`, which
-//! holds nothing else, so no number of other workers' entries can hide an abandoned message of
-//! ours; a Python worker's entries (never renewed) are restored only after kombu's visibility
-//! timeout, and a Python worker's own sweep never takes a live task of ours.
+//! A delivery of ours is recorded in kombu's `unacked` and `unacked_index`; our delivery tags
+//! start with [`OWN_TAG`]. Each fetch also takes one lease in `leases`, named by the prefix its
+//! tags share (`celeriac.<worker>.<fetch>.<max>.`, tags end in `1..=max`): one entry per
+//! fetch, not per message, keeps the per-task cost of leasing off the hot path. Each renewal
+//! re-scores every running tag in `unacked_index` and the lease of every fetch with a task still
+//! running; the lease leaves the set when the fetch's last delivery is settled. Restoring looks
+//! for ours in `leases`, which holds nothing else, so no number of other workers' entries can
+//! hide an abandoned message of ours; a Python worker's entries (never renewed) are restored
+//! only after kombu's visibility timeout, and a Python worker's own sweep never takes a live
+//! task of ours.
 //!
 //! Every step that moves a message is one Lua script or one MULTI, so a crash at any point
 //! leaves each message in exactly one place.
 
+use super::leases::{OpenLeases, leases_of};
 use super::{
     Broker, BrokerOptions, BrokerResult, Delivery, FollowUp, PRIORITY_SEP, PRIORITY_STEPS, now_ms,
     now_secs, priority_list,
@@ -49,15 +54,17 @@ local function error_text(e)
 end
 "#;
 
-/// Pops up to ARGV[1] messages from KEYS[4..] in order and records each in `unacked`,
-/// `unacked_index` and celeriac's lease set in the same step. kombu stores `[envelope, exchange,
+/// Pops up to ARGV[1] messages from KEYS[4..] in order and records each in `unacked` and
+/// `unacked_index`, and the fetch's lease, in the same step. kombu stores `[envelope, exchange,
 /// routing_key]`; the envelope is spliced in as text so Redis does not parse it. Tags are ARGV[3]
-/// followed by a counter; the recording is one variadic command per key per chunk of messages.
+/// (which ends in ARGV[1] and a dot, and is the lease's name) followed by a counter; the
+/// recording is one variadic command per key per chunk of messages.
 ///
-/// Nothing popped can be lost: the bookkeeping keys are checked before anything is popped (a
-/// wrong type fails the call with the key named and leaves every queue as it was), a queue key
-/// that is not a list is skipped and named in the reply, and the recording cannot fail after the
-/// checks. A message over ARGV[4] bytes is dead-lettered here, never shipped to the worker.
+/// Nothing popped can be lost: if recording fails (a bookkeeping key of the wrong type), what
+/// was recorded is undone and every message goes back where it was, and the call fails with the
+/// key named; a queue key that is not a list is skipped and named in the reply. (Checking the
+/// keys' types before popping would cost every fetch three more calls for a case that never
+/// happens unless someone else writes our keys.) A message over ARGV[4] bytes is dead-lettered here, never shipped to the worker.
 /// KEYS: unacked, unacked_index, leases, lists. ARGV: max, now, tag prefix, max bytes, now (ISO),
 /// dead-letter key prefix, then for each list its queue name as JSON and as text.
 /// Returns {tag, list index, message, ...} and the skipped keys.
@@ -69,50 +76,63 @@ local DLQ_PREFIX = ARGV[6]
 "#;
 
 const FETCH_BODY: &str = r#"
-for k, want in ipairs({'hash', 'zset', 'zset'}) do
-  local t = redis.call('TYPE', KEYS[k]).ok
-  if t ~= 'none' and t ~= want then
-    return redis.error_reply('celeriac: key ' .. KEYS[k] .. ' holds a ' .. t .. ', not a ' .. want .. '; no message was taken')
-  end
-end
-local out, skipped, fields, scores, leases = {}, {}, {}, {}, {}
+local out, skipped, fields, scores = {}, {}, {}, {}
 local n = 0
+local function write(key, ...)
+  local ok, err = pcall(redis.call, ...)
+  if not ok then error({err = 'key ' .. key .. ': ' .. error_text(err)}) end
+end
 local function record()
   if #fields > 0 then
-    redis.call('HSET', KEYS[1], unpack(fields))
-    redis.call('ZADD', KEYS[2], unpack(scores))
-    redis.call('ZADD', KEYS[3], unpack(scores))
+    write(KEYS[1], 'HSET', KEYS[1], unpack(fields))
+    write(KEYS[2], 'ZADD', KEYS[2], unpack(scores))
     fields = {}
     scores = {}
   end
 end
-for i = 4, #KEYS do
-  if n >= max then break end
-  local ok, got = pcall(redis.call, 'RPOP', KEYS[i], max - n)
-  if not ok then
-    table.insert(skipped, KEYS[i])
-  elseif got then
-    local j = i - 3
-    local queue_json, queue = ARGV[5 + 2 * j], ARGV[6 + 2 * j]
-    for _, m in ipairs(got) do
-      local too_big = #m > max_bytes
-      if not (too_big and dead_letter(queue, 'oversized',
-          'oversized message: ' .. #m .. ' bytes (limit ' .. max_bytes .. ')', m)) then
-        n = n + 1
-        local tag = ARGV[3] .. n
-        table.insert(fields, tag)
-        table.insert(fields, '[' .. m .. ',"",' .. queue_json .. ']')
-        table.insert(scores, ARGV[2])
-        table.insert(scores, tag)
-        table.insert(out, tag)
-        table.insert(out, j)
-        table.insert(out, m)
-        if #fields >= 1000 then record() end
+local function take()
+  for i = 4, #KEYS do
+    if n >= max then break end
+    local ok, got = pcall(redis.call, 'RPOP', KEYS[i], max - n)
+    if not ok then
+      table.insert(skipped, KEYS[i])
+    elseif got then
+      local j = i - 3
+      local queue_json, queue = ARGV[5 + 2 * j], ARGV[6 + 2 * j]
+      for _, m in ipairs(got) do
+        if not (#m > max_bytes and dead_letter(queue, 'oversized',
+            'oversized message: ' .. #m .. ' bytes (limit ' .. max_bytes .. ')', m)) then
+          n = n + 1
+          local tag = ARGV[3] .. n
+          table.insert(fields, tag)
+          table.insert(fields, '[' .. m .. ',"",' .. queue_json .. ']')
+          table.insert(scores, ARGV[2])
+          table.insert(scores, tag)
+          table.insert(out, tag)
+          table.insert(out, j)
+          table.insert(out, m)
+          if #fields >= 1000 then record() end
+        end
       end
     end
   end
+  record()
+  if n > 0 then write(KEYS[3], 'ZADD', KEYS[3], ARGV[2], ARGV[3]) end
 end
-record()
+local ok, err = pcall(take)
+if not ok then
+  -- A bookkeeping key has the wrong type: undo what was recorded and put every message back
+  -- where it was (pushed back last-popped first, so each list is in its old order).
+  for k = 1, #out, 3 do
+    pcall(redis.call, 'HDEL', KEYS[1], out[k])
+    pcall(redis.call, 'ZREM', KEYS[2], out[k])
+  end
+  pcall(redis.call, 'ZREM', KEYS[3], ARGV[3])
+  for k = #out - 2, 1, -3 do
+    redis.call('RPUSH', KEYS[out[k + 1] + 3], out[k + 2])
+  end
+  return redis.error_reply('celeriac: ' .. error_text(err) .. '; no message was taken')
+end
 return {out, skipped}
 "#;
 
@@ -184,25 +204,48 @@ local function put_back(entry)
   return true, true
 end
 local restored = 0
+-- Returns false when the entry stays (nowhere to put it), to be looked at again a lease later.
 local function restore(tag)
   local entry = redis.call('HGET', KEYS[1], tag)
   if entry then
     local handled, back = put_back(entry)
     if not handled then
-      -- Nowhere to put it: keep it, and look again a lease from now.
       redis.call('ZADD', KEYS[2], ARGV[8], tag)
-      if redis.call('ZSCORE', KEYS[4], tag) then redis.call('ZADD', KEYS[4], ARGV[8], tag) end
-      return
+      return false
     end
     if back then restored = restored + 1 end
   end
   redis.call('HDEL', KEYS[1], tag)
   redis.call('ZREM', KEYS[2], tag)
-  redis.call('ZREM', KEYS[4], tag)
+  return true
+end
+-- A lease names a fetch: the prefix of its tags, ending in the most it could take. (One that
+-- does not is a single tag's lease, as earlier celeriac versions took them.) Returns how many
+-- tags it covered.
+local function restore_lease(lease)
+  local count = tonumber(string.match(lease, '%.(%d+)%.$'))
+  if count and count > 100000 then count = nil end
+  local kept = false
+  if count then
+    -- Last taken first: each RPUSH goes in front of the one before, so the first is served first.
+    for k = count, 1, -1 do
+      if not restore(lease .. k) then kept = true end
+    end
+  else
+    kept = not restore(lease)
+  end
+  if kept then
+    redis.call('ZADD', KEYS[4], ARGV[8], lease)
+  else
+    redis.call('ZREM', KEYS[4], lease)
+  end
+  return count or 1
 end
 local function main()
-  for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[1], 'LIMIT', 0, limit)) do
-    restore(tag)
+  local budget = limit
+  for _, lease in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[1], 'LIMIT', 0, limit)) do
+    budget = budget - restore_lease(lease)
+    if budget <= 0 then break end
   end
   for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2], 'LIMIT', 0, limit)) do
     restore(tag)
@@ -259,10 +302,11 @@ return moved
 
 /// Acks a batch with its follow-ups, all or nothing: every key it writes is checked for its type
 /// first, so a key of the wrong type fails the call before anything changed (a MULTI would
-/// apply every other command and fail anyway, and retrying it would apply them again).
+/// apply every other command and fail anyway, and retrying it would apply them again). A batch
+/// without follow-ups only deletes, which is safe to repeat, and is acked with a MULTI instead.
 /// KEYS: unacked, unacked_index, leases, scheduled, then each list pushed onto.
-/// ARGV: the number of tags, the tags, then per follow-up `L, key index, value` (LPUSH) or
-/// `Z, due ms, member` (ZADD to scheduled).
+/// ARGV: the number of tags, the tags, the number of leases that end, the leases, then per
+/// follow-up `L, key index, value` (LPUSH) or `Z, due ms, member` (ZADD to scheduled).
 const SETTLE: &str = r#"
 for i, key in ipairs(KEYS) do
   local want = 'list'
@@ -273,7 +317,8 @@ for i, key in ipairs(KEYS) do
   end
 end
 local ntags = tonumber(ARGV[1])
-local i = ntags + 2
+local nleases = tonumber(ARGV[ntags + 2])
+local i = ntags + nleases + 3
 while i <= #ARGV do
   if ARGV[i] == 'L' then
     redis.call('LPUSH', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2])
@@ -285,7 +330,9 @@ end
 if ntags > 0 then
   redis.call('HDEL', KEYS[1], unpack(ARGV, 2, ntags + 1))
   redis.call('ZREM', KEYS[2], unpack(ARGV, 2, ntags + 1))
-  redis.call('ZREM', KEYS[3], unpack(ARGV, 2, ntags + 1))
+end
+if nleases > 0 then
+  redis.call('ZREM', KEYS[3], unpack(ARGV, ntags + 3, ntags + nleases + 2))
 end
 return 0
 "#;
@@ -349,7 +396,8 @@ fn now_iso() -> String {
     crate::protocol::format_time(chrono::Utc::now())
 }
 
-/// Most entries one restore pass looks at in each of the lease set and `unacked_index`.
+/// Most tags one restore pass looks at through the lease set, and most entries of
+/// `unacked_index` it looks at.
 const RESTORE_LIMIT: usize = 10_000;
 
 /// The Redis side of the broker.
@@ -364,6 +412,8 @@ pub struct RedisBroker {
     settle: Script,
     take_tokens: Script,
     dlq_replay: Script,
+    /// Unsettled deliveries per fetch lease, so the last settlement can end the lease.
+    open: OpenLeases,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -398,6 +448,7 @@ impl RedisBroker {
             settle: Script::new(SETTLE),
             take_tokens: Script::new(TAKE_TOKENS),
             dlq_replay: Script::new(DLQ_REPLAY),
+            open: OpenLeases::default(),
         })
     }
 
@@ -481,20 +532,82 @@ impl RedisBroker {
         Ok(scores.into_iter().map(|s| s.is_some_and(|e| e > now)).collect())
     }
 
-    /// Sets the `unacked_index` and lease time of the tags still there.
+    /// Sets the `unacked_index` time of the tags still there, and of their fetches' leases.
     async fn rescore(&self, tags: &[String], time: f64) -> BrokerResult<()> {
         if tags.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for key in [self.key("unacked_index"), self.own("leases")] {
+        let leases = leases_of(tags.iter().map(String::as_str));
+        for (key, members) in [
+            (self.key("unacked_index"), tags.iter().map(String::as_str).collect()),
+            (self.own("leases"), leases),
+        ] {
+            if members.is_empty() {
+                continue;
+            }
             let cmd = pipe.cmd("ZADD").arg(key).arg("XX");
-            for t in tags {
-                cmd.arg(time).arg(t);
+            for m in members {
+                cmd.arg(time).arg(m);
             }
             cmd.ignore();
         }
         Ok(pipe.query_async(&mut self.conn.clone()).await?)
+    }
+
+    /// Acks `batch` with its follow-ups and removes `ending` leases. Plain acks (the common
+    /// case) are a MULTI: they only delete, so a repeat after an error changes nothing. Anything
+    /// that writes goes through the SETTLE script, which checks every key first.
+    async fn settle_with(
+        &self,
+        batch: &[(&str, &[FollowUp])],
+        ending: &[String],
+    ) -> BrokerResult<()> {
+        let tags: Vec<&str> = batch.iter().map(|(tag, _)| *tag).collect();
+        if batch.iter().all(|(_, follow_ups)| follow_ups.is_empty()) {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            pipe.hdel(self.key("unacked"), &tags).ignore();
+            pipe.zrem(self.key("unacked_index"), &tags).ignore();
+            if !ending.is_empty() {
+                pipe.zrem(self.own("leases"), ending).ignore();
+            }
+            return Ok(pipe.query_async(&mut self.conn.clone()).await?);
+        }
+        let mut inv = self.settle.prepare_invoke();
+        inv.key(self.key("unacked"))
+            .key(self.key("unacked_index"))
+            .key(self.own("leases"))
+            .key(self.own("scheduled"));
+        inv.arg(tags.len()).arg(&tags).arg(ending.len()).arg(ending);
+        // Each list the batch pushes onto is passed as a key, so the script can check its type
+        // before it writes anything; a follow-up names it by its position.
+        let mut lists: Vec<String> = Vec::new();
+        let mut slot = |inv: &mut redis::ScriptInvocation<'_>, key: String| {
+            let at = lists.iter().position(|k| *k == key).unwrap_or_else(|| {
+                inv.key(&key);
+                lists.push(key);
+                lists.len() - 1
+            });
+            at + 5
+        };
+        for f in batch.iter().flat_map(|(_, follow_ups)| follow_ups.iter()) {
+            match f {
+                FollowUp::Publish { queue, priority, envelope } => {
+                    let at = slot(&mut inv, self.key(&priority_list(queue, *priority)));
+                    inv.arg("L").arg(at).arg(envelope);
+                }
+                FollowUp::DeadLetter { queue, record } => {
+                    let at = slot(&mut inv, self.dlq_key(queue));
+                    inv.arg("L").arg(at).arg(record);
+                }
+                FollowUp::Schedule { queue, priority, envelope, due_ms } => {
+                    let member = format!("{}\n{envelope}", priority_list(queue, *priority));
+                    inv.arg("Z").arg(*due_ms).arg(member);
+                }
+            }
+        }
+        Ok(inv.invoke_async(&mut self.conn.clone()).await?)
     }
 
     /// The lists of `queues` in fetch order: each queue's priority steps before the next queue
@@ -537,7 +650,7 @@ impl Broker for RedisBroker {
         }
         inv.arg(max)
             .arg(now_secs())
-            .arg(format!("{OWN_TAG}{tag_prefix}"))
+            .arg(format!("{OWN_TAG}{tag_prefix}{max}."))
             .arg(crate::protocol::MAX_MESSAGE_BYTES)
             .arg(now_iso())
             .arg(self.dlq_key(""));
@@ -558,6 +671,9 @@ impl Broker for RedisBroker {
             let queue = queue_of.get(index.wrapping_sub(1)).cloned().unwrap_or_default();
             out.push(Delivery { tag, queue, payload });
         }
+        if let Some(lease) = out.first().and_then(|d| super::lease_of(&d.tag)) {
+            self.open.opened(lease, out.len());
+        }
         Ok(out)
     }
 
@@ -565,43 +681,12 @@ impl Broker for RedisBroker {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut inv = self.settle.prepare_invoke();
-        inv.key(self.key("unacked"))
-            .key(self.key("unacked_index"))
-            .key(self.own("leases"))
-            .key(self.own("scheduled"));
-        inv.arg(batch.len());
-        for (tag, _) in batch {
-            inv.arg(*tag);
+        let taken = self.open.settling(batch.iter().map(|(tag, _)| *tag));
+        let settled = self.settle_with(batch, &taken.ending).await;
+        if settled.is_err() {
+            self.open.failed(taken);
         }
-        // Each list the batch pushes onto is passed as a key, so the script can check its type
-        // before it writes anything; a follow-up names it by its position.
-        let mut lists: Vec<String> = Vec::new();
-        let mut slot = |inv: &mut redis::ScriptInvocation<'_>, key: String| {
-            let at = lists.iter().position(|k| *k == key).unwrap_or_else(|| {
-                inv.key(&key);
-                lists.push(key);
-                lists.len() - 1
-            });
-            at + 5
-        };
-        for f in batch.iter().flat_map(|(_, follow_ups)| follow_ups.iter()) {
-            match f {
-                FollowUp::Publish { queue, priority, envelope } => {
-                    let at = slot(&mut inv, self.key(&priority_list(queue, *priority)));
-                    inv.arg("L").arg(at).arg(envelope);
-                }
-                FollowUp::DeadLetter { queue, record } => {
-                    let at = slot(&mut inv, self.dlq_key(queue));
-                    inv.arg("L").arg(at).arg(record);
-                }
-                FollowUp::Schedule { queue, priority, envelope, due_ms } => {
-                    let member = format!("{}\n{envelope}", priority_list(queue, *priority));
-                    inv.arg("Z").arg(*due_ms).arg(member);
-                }
-            }
-        }
-        Ok(inv.invoke_async(&mut self.conn.clone()).await?)
+        settled
     }
 
     async fn ping(&self) -> BrokerResult<()> {
@@ -619,6 +704,7 @@ impl Broker for RedisBroker {
     async fn renew(&self, tags: &[String]) -> BrokerResult<()> {
         // XX: only tags still present, so an acked message is not resurrected. The new time
         // keeps a lease of ours alive and kombu's visibility-timeout sweep away from it.
+        self.open.forget_all_but(&leases_of(tags.iter().map(String::as_str)));
         self.rescore(tags, now_secs()).await
     }
 
