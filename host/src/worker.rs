@@ -384,7 +384,9 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 let me = self.clone();
                 let stop = shutdown.clone();
                 tasks.spawn(async move {
-                    me.process(d, decoded, admission, signals, stop).await;
+                    // Boxed: the life of a task is a large future, and tokio moves a spawned
+                    // future by value when it starts and ends.
+                    Box::pin(me.process(d, decoded, admission, signals, stop)).await;
                     drop(permit);
                 });
             }
