@@ -153,8 +153,10 @@ pub async fn dlq_replay<B: Broker>(
                     h.insert("eta".into(), Value::Null);
                     // An expiry that has passed would revoke the replayed task at once; one
                     // still ahead is the producer's and stays.
+                    // Written as text, or tagged as kombu's JSON writes a datetime.
                     let expired = h
                         .get("expires")
+                        .map(|e| e.get("__value__").unwrap_or(e))
                         .and_then(Value::as_str)
                         .and_then(protocol::parse_time)
                         .is_some_and(|e| e <= chrono::Utc::now());
