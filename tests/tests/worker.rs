@@ -236,6 +236,27 @@ async fn eta_tasks_wait_in_redis_not_in_the_worker_and_run_when_due() {
     w.stop().await;
 }
 
+/// `celeriac revoke` of a task that already ended leaves its outcome as it was: a FAILURE stays
+/// a FAILURE (with its exception) and a SUCCESS a SUCCESS; a task not yet run becomes REVOKED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_finished_task_keeps_its_outcome() {
+    let redis = RedisServer::start();
+    let (b, r) = (broker(&redis, Duration::from_secs(30)).await, results(&redis).await);
+    let failed = send(&b, "diagnostics.fail", json!(["boom"]), NewTask::default()).await;
+    let succeeded = send(&b, "diagnostics.noop", json!([1]), NewTask::default()).await;
+    let w = start(&redis, config(|_| {}), 2, Duration::from_secs(30)).await;
+    assert_eq!(wait_state(&r, &failed, 10).await.0, "FAILURE");
+    assert_eq!(wait_state(&r, &succeeded, 10).await.0, "SUCCESS");
+    w.stop().await;
+    let pending = "never-sent".to_string();
+    let ids = [failed.clone(), succeeded.clone(), pending.clone()];
+    client::revoke(&b, &r, &ids, false, Duration::from_secs(60)).await.unwrap();
+    let (state, meta) = wait_state(&r, &failed, 1).await;
+    assert_eq!((state.as_str(), &meta["result"]["exc_type"]), ("FAILURE", &json!("ValueError")));
+    assert_eq!(wait_state(&r, &succeeded, 1).await.0, "SUCCESS");
+    assert_eq!(wait_state(&r, &pending, 1).await.0, "REVOKED");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_and_revoked_tasks_do_not_run() {
     let redis = RedisServer::start();

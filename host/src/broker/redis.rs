@@ -391,6 +391,14 @@ return 0
 /// How every delivery tag of a celeriac worker starts (kombu's are UUIDs).
 pub const OWN_TAG: &str = "celeriac.";
 
+/// The server's version, from `INFO server`, if it is older than 6.2. A version that cannot be
+/// read is let through: a fork that reports it differently still gets its chance.
+fn too_old(info: &str) -> Option<&str> {
+    let version = info.lines().find_map(|l| l.strip_prefix("redis_version:"))?.trim();
+    let parts: Vec<u32> = version.split('.').filter_map(|p| p.parse().ok()).collect();
+    (parts.len() >= 2 && (parts[0], parts[1]) < (6, 2)).then_some(version)
+}
+
 /// The time as dead-letter records give it.
 fn now_iso() -> String {
     crate::protocol::format_time(chrono::Utc::now())
@@ -457,20 +465,13 @@ impl RedisBroker {
     pub async fn check_version(&self) -> anyhow::Result<()> {
         let info: String =
             redis::cmd("INFO").arg("server").query_async(&mut self.conn.clone()).await?;
-        let version = info
-            .lines()
-            .find_map(|l| l.strip_prefix("redis_version:"))
-            .map(str::trim)
-            .unwrap_or("unknown");
-        let parts: Vec<u32> = version.split('.').filter_map(|p| p.parse().ok()).collect();
-        if parts.len() >= 2 && (parts[0], parts[1]) < (6, 2) {
+        too_old(&info).map_or(Ok(()), |version| {
             anyhow::bail!(
                 "the broker at {} runs Redis {version}; celeriac needs Redis 6.2 or newer \
                  (RPOP with a count, ZMSCORE)",
                 self.url
-            );
-        }
-        Ok(())
+            )
+        })
     }
 
     /// A key with the global prefix.
@@ -884,5 +885,18 @@ impl Broker for RedisBroker {
         revoked: tokio::sync::mpsc::UnboundedSender<crate::control::Revocation>,
     ) {
         crate::control::serve(self.clone(), hostname, revoke_ttl, revoked).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redis_older_than_6_2_is_refused_by_its_version() {
+        let info = |v: &str| format!("# Server\r\nredis_version:{v}\r\nredis_mode:standalone\r\n");
+        assert_eq!(super::too_old(&info("6.0.16")), Some("6.0.16"));
+        assert_eq!(super::too_old(&info("5.0.7")), Some("5.0.7"));
+        assert_eq!(super::too_old(&info("6.2.0")), None);
+        assert_eq!(super::too_old(&info("7.0.15")), None);
+        assert_eq!(super::too_old("# Server\r\n"), None);
     }
 }
