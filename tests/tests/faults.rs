@@ -223,3 +223,37 @@ async fn without_q_a_busy_queue_does_not_starve_the_others() {
         done.len()
     );
 }
+
+/// A task cannot flood the worker's log or forge lines in it: guest log lines are rate-limited
+/// (with one warning that says how many were dropped), and a newline in a message or in a
+/// producer's task id is escaped, so no line of the log starts with text the task chose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_cannot_flood_the_log_or_forge_lines_in_it() {
+    let redis = RedisServer::start();
+    let (b, r) = (broker(&redis, Duration::from_secs(30)).await, results(&redis).await);
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let modules = tempfile::tempdir().unwrap();
+    crate::hardening::link_hostile_modules(modules.path());
+    let mut worker =
+        worker_command(&redis, &["--modules", modules.path().to_str().unwrap(), "-Q", "celery"])
+            .env("CELERIAC_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+    let opts = NewTask { id: Some("evil\nFORGED id line".into()), ..NewTask::default() };
+    let args = json!([5000, "a line\nFORGED message line"]);
+    let id =
+        client::enqueue(&b, "hostile.log_flood", &args, &json!({}), "celery", &opts).await.unwrap();
+    let (state, _) = client::wait(&r, &id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(state, "SUCCESS");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    assert!(!text.lines().any(|l| l.trim_start().starts_with("FORGED")), "{text}");
+    let guest = text.lines().filter(|l| l.contains("a line")).count();
+    let burst = celeriac::runtime::LOG_BURST as usize;
+    assert!((1..=burst + 100).contains(&guest), "{guest} guest lines of 5000 were logged");
+    assert!(text.contains("dropped") && text.contains("log lines over the limit"), "{text}");
+}

@@ -16,6 +16,15 @@ const LEASE: Duration = Duration::from_secs(30);
 
 /// The example tasks and the hostile fixture in one modules folder, with `tweak` applied.
 fn hostile_config(modules: &Path, tweak: impl FnOnce(&mut Config)) -> Config {
+    link_hostile_modules(modules);
+    config(|c| {
+        c.modules = modules.to_path_buf();
+        tweak(c);
+    })
+}
+
+/// Fills `modules` with links to the example tasks and the hostile fixture.
+pub(crate) fn link_hostile_modules(modules: &Path) {
     for dir in [celeriac::BUILT_TASKS_DIR, celeriac::BUILT_FIXTURES_DIR] {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
@@ -24,10 +33,6 @@ fn hostile_config(modules: &Path, tweak: impl FnOnce(&mut Config)) -> Config {
             }
         }
     }
-    config(|c| {
-        c.modules = modules.to_path_buf();
-        tweak(c);
-    })
 }
 
 /// Grants `hostile.child_to` its child task, and `queues` (globs) beyond the default ones.
