@@ -9,7 +9,7 @@ use crate::registry::Registry;
 use crate::results::ResultBackend;
 use crate::runtime::{Invocation, Outcome, RunEnv, RunReport};
 use crate::units::{ByteSize, HumanDuration};
-use crate::worker::{Worker, WorkerOptions};
+use crate::worker::{Monitoring, Worker, WorkerOptions};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use std::collections::VecDeque;
@@ -161,6 +161,10 @@ pub struct WorkerArgs {
     /// in the next settle batch, before the final state).
     #[arg(long)]
     pub no_track_started: bool,
+    /// Start with Celery task events off (worker heartbeats are always sent; Flower's
+    /// `enable_events` or `celery control enable_events` turns task events on).
+    #[arg(long)]
+    pub no_task_events: bool,
 }
 
 /// `celeriac enqueue ...`
@@ -416,7 +420,10 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
         track_started: !args.no_track_started,
         weights,
     };
-    let w = Worker::new(registry, broker, results, kv, options);
+    let events = crate::events::CeleryEvents::new(&options.hostname);
+    events.set_task_events(!args.no_task_events);
+    let monitoring = Monitoring { events: Some(events), ..Monitoring::default() };
+    let w = Worker::monitored(registry, broker, results, kv, options, monitoring);
     let (shutdown, force) = (CancellationToken::new(), CancellationToken::new());
     let (signal, forced) = (shutdown.clone(), force.clone());
     // The first SIGTERM or SIGINT stops fetching and lets running tasks finish within --grace;

@@ -1,11 +1,19 @@
-//! Celery's remote control (the "pidbox") as far as a worker must answer it: `revoke` (from
-//! `celery control revoke`, `app.control.revoke`, Flower and `celeriac revoke`) and `ping`.
-//! Requests arrive by PUBLISH on `/<db>.celery.pidbox`; replies are LPUSHed to the caller's
-//! reply queue.
+//! Celery's remote control (the "pidbox"): what `celery inspect`, `celery control`, Flower and
+//! `celeriac revoke` ask a worker. Requests arrive by PUBLISH on `/<db>.celery.pidbox`; replies
+//! are LPUSHed to the caller's reply queue as `{"<node name>": reply}`.
+//!
+//! This module owns the wire: decoding requests, matching destinations, the reply envelope and
+//! the commands that only touch Redis. What only the worker knows (its running tasks, its
+//! counters, its switches) it asks through [`Node`]. A command celeriac does not support is
+//! answered with Celery's `{"error": ...}`, never with silence, so a caller does not wait out
+//! its timeout.
 
 use crate::broker::{Broker, RedisBroker};
+use crate::protocol::kombu_envelope;
+use crate::runtime::printable;
 use base64::Engine as _;
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, warn};
 
@@ -54,44 +62,42 @@ pub fn revoke_ids(arguments: &Value) -> Vec<String> {
     }
 }
 
-/// A revocation heard on the control channel, for the worker to apply at once: its mirrored
-/// revoked set is otherwise refreshed only every maintenance tick.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Revocation {
-    /// The revoked task ids.
-    pub ids: Vec<String>,
-    /// Whether running copies are to be stopped.
-    pub terminate: bool,
+/// Python's truth of a JSON value: callers send flags as `true`, but also as `1` (Flower's
+/// `terminate`, from `strtobool`) or a string.
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
 }
 
-/// The channel control requests are published on: the fanout topic of `celery.pidbox`.
-fn pidbox_channel(broker: &RedisBroker) -> anyhow::Result<String> {
-    let db = redis::Client::open(broker.url())?.get_connection_info().redis.db;
-    Ok(format!("{}/{db}.celery.pidbox", broker.options().global_prefix))
-}
-
-/// A kombu envelope for a control request or reply: JSON `body`, base64-encoded as kombu does.
-fn pidbox_envelope(
-    body: &Value,
-    headers: Value,
-    delivery_mode: u8,
-    exchange: &str,
-    routing_key: &str,
-) -> String {
-    json!({
-        "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": headers,
-        "properties": {
-            "delivery_mode": delivery_mode,
-            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": uuid::Uuid::new_v4().to_string(),
-        },
-    })
-    .to_string()
+/// What a worker answers about itself and does when asked. The worker implements it; the
+/// listener here calls it from the control channel.
+pub trait Node: Send + Sync {
+    /// Applies a revocation at once (it is already stored in Redis): running copies stop when
+    /// `terminate` is set.
+    fn revoke(&self, ids: &[String], terminate: bool);
+    /// Celery's `stats` reply (`broker`, `total`, `pool.processes`, ...).
+    fn stats(&self) -> Value;
+    /// The running tasks, as Celery's `active` lists them.
+    fn active(&self) -> Value;
+    /// The task names this worker runs.
+    fn registered(&self) -> Vec<String>;
+    /// The queues it consumes, in its order.
+    fn queues(&self) -> Vec<String>;
+    /// The settings worth showing for `conf`.
+    fn conf(&self) -> Value;
+    /// Switches task events on or off; returns the previous setting, or `None` when this worker
+    /// sends no events at all.
+    fn task_events(&self, on: bool) -> Option<bool>;
+    /// Sends a heartbeat event now.
+    fn heartbeat(&self);
+    /// Starts a warm shutdown, as SIGTERM does.
+    fn shutdown(&self);
 }
 
 /// Broadcasts a `revoke` as Celery's `app.control.revoke` does (no reply wanted), so every
@@ -109,24 +115,26 @@ pub async fn broadcast_revoke(
         "matcher": null,
     });
     let headers = json!({"clock": 1, "expires": crate::broker::now_secs() + 60.0});
-    let envelope = pidbox_envelope(&body, headers, 2, "celery.pidbox", "");
-    let _: i64 =
-        redis::AsyncCommands::publish(&mut broker.conn(), pidbox_channel(broker)?, envelope)
-            .await?;
+    let envelope = kombu_envelope(&body.to_string(), headers, 2, "celery.pidbox", "");
+    let _: i64 = redis::AsyncCommands::publish(
+        &mut broker.conn(),
+        broker.fanout_topic("celery.pidbox", ""),
+        envelope,
+    )
+    .await?;
     Ok(())
 }
 
-/// Listens for control requests until the connection ends; reconnects with backoff.
-/// Revocations are recorded in Redis and passed to `revoked` for the worker to apply at once.
+/// Listens for control requests for worker `hostname` until dropped; reconnects with backoff.
 pub async fn serve(
     broker: RedisBroker,
     hostname: String,
     revoke_ttl: Duration,
-    revoked: tokio::sync::mpsc::UnboundedSender<Revocation>,
+    node: Arc<dyn Node>,
 ) {
     let mut delay = Duration::from_millis(200);
     loop {
-        if let Err(e) = listen(&broker, &hostname, revoke_ttl, &revoked).await {
+        if let Err(e) = listen(&broker, &hostname, revoke_ttl, node.as_ref()).await {
             warn!("remote control listener failed, reconnecting in {delay:?}: {e}");
         }
         tokio::time::sleep(delay).await;
@@ -138,10 +146,10 @@ async fn listen(
     broker: &RedisBroker,
     hostname: &str,
     revoke_ttl: Duration,
-    revoked: &tokio::sync::mpsc::UnboundedSender<Revocation>,
+    node: &dyn Node,
 ) -> anyhow::Result<()> {
     use futures_util::StreamExt as _;
-    let channel = pidbox_channel(broker)?;
+    let channel = broker.fanout_topic("celery.pidbox", "");
     let mut pubsub = redis::Client::open(broker.url())?.get_async_pubsub().await?;
     pubsub.subscribe(&channel).await?;
     debug!(%channel, "listening for remote control");
@@ -151,25 +159,102 @@ async fn listen(
         if req.destination.as_ref().is_some_and(|d| !d.iter().any(|n| n == hostname)) {
             continue;
         }
-        let reply = match req.method.as_str() {
-            "revoke" => {
-                let ids = revoke_ids(&req.arguments);
-                let terminate = req.arguments["terminate"].as_bool().unwrap_or(false);
-                broker.revoke(&ids, revoke_ttl, terminate).await?;
-                let _ = revoked.send(Revocation { ids: ids.clone(), terminate });
-                json!({"ok": format!("tasks {} flagged as revoked", ids.join(", "))})
-            }
-            "ping" => json!({"ok": "pong"}),
-            other => {
-                debug!(method = other, "ignoring unsupported control request");
-                continue;
-            }
-        };
+        let reply = answer(broker, revoke_ttl, node, &req).await?;
         if let Some(oid) = &req.reply_to {
             send_reply(broker, oid, req.ticket.as_deref(), hostname, reply).await?;
         }
     }
     Ok(())
+}
+
+/// Most revoked ids a `revoked` reply lists (Celery keeps at most 50,000 in memory).
+const MAX_REVOKED_LISTED: isize = 50_000;
+
+/// Carries out one request and returns its reply (sent only when the caller asked for one).
+async fn answer(
+    broker: &RedisBroker,
+    revoke_ttl: Duration,
+    node: &dyn Node,
+    req: &Request,
+) -> anyhow::Result<Value> {
+    let args = &req.arguments;
+    Ok(match req.method.as_str() {
+        "revoke" => {
+            let ids = revoke_ids(args);
+            let terminate = truthy(&args["terminate"]);
+            broker.revoke(&ids, revoke_ttl, terminate).await?;
+            node.revoke(&ids, terminate);
+            json!({"ok": format!("tasks {} flagged as revoked", ids.join(", "))})
+        }
+        "ping" => json!({"ok": "pong"}),
+        "stats" => node.stats(),
+        "active" => node.active(),
+        "registered" => json!(node.registered()),
+        "active_queues" => Value::Array(node.queues().iter().map(|q| queue_info(q)).collect()),
+        "conf" => node.conf(),
+        // Nothing is held unstarted: a worker takes only messages for its free slots, and ETA
+        // and rate-limited messages wait in Redis, not in a worker (`celeriac status` lists them).
+        "reserved" | "scheduled" => json!([]),
+        "revoked" => {
+            let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(broker.own("revoked"))
+                .arg(crate::broker::now_secs())
+                .arg("+inf")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(MAX_REVOKED_LISTED)
+                .query_async(&mut broker.conn())
+                .await?;
+            json!(ids)
+        }
+        "heartbeat" => {
+            node.heartbeat();
+            Value::Null
+        }
+        "enable_events" | "disable_events" => {
+            let on = req.method == "enable_events";
+            let word = if on { "enabled" } else { "disabled" };
+            match node.task_events(on) {
+                Some(was) if was == on => json!({"ok": format!("task events already {word}")}),
+                Some(_) => json!({"ok": format!("task events {word}")}),
+                None => json!({"error": "this worker sends no events"}),
+            }
+        }
+        "shutdown" => {
+            node.shutdown();
+            json!({"ok": "shutting down"})
+        }
+        other => {
+            debug!(method = %printable(other), "unsupported control request");
+            json!({"error": format!("celeriac does not support the control command {other:?}")})
+        }
+    })
+}
+
+/// One entry of an `active_queues` reply, as kombu describes a queue bound to the direct
+/// exchange of its own name.
+fn queue_info(name: &str) -> Value {
+    json!({
+        "name": name,
+        "exchange": {"name": name, "type": "direct", "arguments": null, "durable": true,
+                     "passive": false, "auto_delete": false, "delivery_mode": null, "no_declare": false},
+        "routing_key": name,
+        "queue_arguments": null,
+        "binding_arguments": null,
+        "consumer_arguments": null,
+        "durable": true,
+        "exclusive": false,
+        "auto_delete": false,
+        "no_ack": false,
+        "alias": null,
+        "bindings": [],
+        "no_declare": null,
+        "expires": null,
+        "message_ttl": null,
+        "max_length": null,
+        "max_length_bytes": null,
+        "max_priority": null,
+    })
 }
 
 /// Replies as kombu's pidbox does: to every queue bound to the caller's oid on
@@ -186,8 +271,13 @@ async fn send_reply(
         redis::AsyncCommands::smembers(&mut conn, broker.key("_kombu.binding.reply.celery.pidbox"))
             .await?;
     let headers = json!({"ticket": ticket, "clock": 1});
-    let envelope =
-        pidbox_envelope(&json!({ hostname: reply }), headers, 1, "reply.celery.pidbox", oid);
+    let envelope = kombu_envelope(
+        &json!({ hostname: reply }).to_string(),
+        headers,
+        1,
+        "reply.celery.pidbox",
+        oid,
+    );
     for member in members {
         let mut parts = member.split(crate::broker::PRIORITY_SEP);
         let (Some(key), Some(_pattern), Some(queue)) = (parts.next(), parts.next(), parts.next())
@@ -216,5 +306,11 @@ mod tests {
         assert_eq!(revoke_ids(&req.arguments), vec!["a".to_string(), "b".to_string()]);
         assert_eq!(revoke_ids(&json!({"task_id": "one"})), vec!["one".to_string()]);
         assert!(decode(b"junk").is_none());
+        // Flower sends `terminate` as 1.
+        for (flag, on) in
+            [(json!(true), true), (json!(1), true), (json!(0), false), (json!(null), false)]
+        {
+            assert_eq!(truthy(&flag), on, "{flag}");
+        }
     }
 }

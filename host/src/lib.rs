@@ -11,12 +11,15 @@
 //! - [`registry`]: the loaded modules and which task each one serves.
 //! - [`kv`]: the store behind the tasks' key-value import.
 //! - [`worker`]: the worker loop and the life of one task, top to bottom.
+//! - [`lifecycle`]: the one stream of task events the worker emits, and its subscriber trait.
+//! - [`events`]: Celery events (worker heartbeats, task events) for Flower and `celery events`.
+//! - [`repr`]: Python's `repr` of JSON values, for the text Celery shows.
 //! - [`protocol`]: Celery's wire format (kombu envelope, protocol-v2 messages, result meta).
 //! - [`broker`]: kombu's Redis layout: fetch, ack, leases, restore, scheduling, revocation.
 //! - [`results`]: the Celery result backend on Redis.
 //! - [`client`]: enqueue, status, revoke and dead-letter commands.
 //! - [`demo`]: `celeriac demo`, the example tasks end to end in one process.
-//! - [`control`]: Celery's remote control (`revoke`, `ping`) over the pidbox channel.
+//! - [`control`]: Celery's remote control (`inspect`, `revoke`, ...) over the pidbox channel.
 //! - [`units`]: human durations and sizes (`5m`, `64MiB`).
 //! - [`cli`]: the `celeriac` command line.
 #![warn(missing_docs)]
@@ -27,9 +30,12 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod events;
 pub mod kv;
+pub mod lifecycle;
 pub mod protocol;
 pub mod registry;
+pub mod repr;
 pub mod results;
 
 pub mod runtime;

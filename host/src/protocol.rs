@@ -3,6 +3,7 @@
 //! message that is not a well-formed v2 task is a [`Poison`] with the reason, so the worker can
 //! dead-letter it untouched.
 
+use crate::repr;
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::value::RawValue;
@@ -379,22 +380,29 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Poison> {
     })
 }
 
-fn python_repr(v: &Value) -> String {
-    // Close enough to Python's repr for Flower's display: JSON with Python's literals.
-    let s = v.to_string();
-    s.replace("null", "None").replace("true", "True").replace("false", "False")
-}
-
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push_str("...");
-    }
-    s
+/// A kombu envelope for a message that is not a task (a control request or reply, an event):
+/// a JSON `body`, base64-encoded as kombu sends it, and the routing kombu records.
+pub fn kombu_envelope(
+    body: &str,
+    headers: Value,
+    delivery_mode: u8,
+    exchange: &str,
+    routing_key: &str,
+) -> String {
+    json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(body),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            "delivery_mode": delivery_mode,
+            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": uuid::Uuid::new_v4().to_string(),
+        },
+    })
+    .to_string()
 }
 
 /// The origin header: `gen<pid>@<host>` as Celery writes it.
@@ -436,8 +444,8 @@ pub fn encode(
         "timelimit": [null, null],
         "root_id": opts.root_id.clone().unwrap_or_else(|| id.clone()),
         "parent_id": opts.parent_id,
-        "argsrepr": truncate(python_repr(args), 1024),
-        "kwargsrepr": truncate(python_repr(kwargs), 1024),
+        "argsrepr": repr::truncate(repr::args_repr(args), repr::MAX_REPR),
+        "kwargsrepr": repr::truncate(repr::repr(kwargs), repr::MAX_REPR),
         "origin": origin(),
         "ignore_result": false,
         "replaced_task_nesting": 0,
@@ -659,7 +667,7 @@ mod tests {
         );
         assert_eq!((m.priority, m.eta), (5, Some(eta)));
         assert_eq!(m.envelope()["properties"]["delivery_info"]["routing_key"], "hi");
-        assert_eq!(m.envelope()["headers"]["argsrepr"], "[1,{\"a\":None}]");
+        assert_eq!(m.envelope()["headers"]["argsrepr"], "(1, {'a': None})");
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod config;
 mod faults;
 mod hardening;
 mod interop;
+mod monitoring;
 mod sandbox;
 mod scripts;
 mod tasks;

@@ -113,7 +113,7 @@ async fn the_worker_logs_one_line_per_task() {
 }
 
 /// The worker binary on `redis` with `args`, its output discarded unless the caller redirects it.
-fn worker_command(redis: &RedisServer, args: &[&str]) -> Command {
+pub(crate) fn worker_command(redis: &RedisServer, args: &[&str]) -> Command {
     let mut command = Command::new(celeriac_binary());
     command
         .arg("worker")
@@ -128,11 +128,11 @@ fn worker_command(redis: &RedisServer, args: &[&str]) -> Command {
 }
 
 /// Sends `task` with `args` to `queue`.
-async fn enqueue(b: &RedisBroker, task: &str, args: Value, queue: &str) -> String {
+pub(crate) async fn enqueue(b: &RedisBroker, task: &str, args: Value, queue: &str) -> String {
     client::enqueue(b, task, &args, &json!({}), queue, &NewTask::default()).await.unwrap()
 }
 
-fn sigterm(child: &std::process::Child) {
+pub(crate) fn sigterm(child: &std::process::Child) {
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
 }

@@ -332,14 +332,22 @@ impl Broker for MemoryBroker {
         Ok(self.lock().dlq.remove(queue).map_or(0, |l| l.len() as u64))
     }
 
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({"transport": "memory", "hostname": "localhost", "url": "memory://"})
+    }
+
     async fn serve_control(
         &self,
         _hostname: String,
         _revoke_ttl: Duration,
-        _revoked: tokio::sync::mpsc::UnboundedSender<crate::control::Revocation>,
+        _node: std::sync::Arc<dyn crate::control::Node>,
     ) {
         // No remote clients can reach an in-process broker; revocations go through `revoke`.
         std::future::pending::<()>().await
+    }
+
+    async fn publish_event(&self, _hostname: &str, _key: &str, _body: &str) -> BrokerResult<u64> {
+        Ok(0)
     }
 }
 

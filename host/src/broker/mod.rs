@@ -176,6 +176,10 @@ pub trait Broker: Clone + Send + Sync + 'static {
         batch: &[(&str, &[FollowUp])],
     ) -> impl Future<Output = BrokerResult<()>> + Send;
 
+    /// The broker as Celery's `stats` reply describes it (`hostname`, `port`, `transport`, ...),
+    /// with a `url` that never shows a password.
+    fn describe(&self) -> serde_json::Value;
+
     /// Checks that the broker answers (a round trip that touches no data).
     fn ping(&self) -> impl Future<Output = BrokerResult<()>> + Send;
 
@@ -257,14 +261,25 @@ pub trait Broker: Clone + Send + Sync + 'static {
     fn dlq_purge(&self, queue: &str) -> impl Future<Output = BrokerResult<u64>> + Send;
 
     /// Answers Celery's remote control for worker `hostname` until dropped, if this broker
-    /// carries it (Redis does; the memory broker has no remote clients), passing the
-    /// revocations it hears to `revoked`.
+    /// carries it (Redis does; the memory broker has no remote clients), asking `node` what
+    /// only the worker knows.
     fn serve_control(
         &self,
         hostname: String,
         revoke_ttl: Duration,
-        revoked: tokio::sync::mpsc::UnboundedSender<crate::control::Revocation>,
+        node: std::sync::Arc<dyn crate::control::Node>,
     ) -> impl Future<Output = ()> + Send;
+
+    /// Publishes a Celery event (`body`: one event object or a JSON list of them) on the
+    /// `celeryev` fanout with `routing_key` (`worker.heartbeat`, `task.multi`), as kombu does,
+    /// from node `hostname`. Returns how many listeners received it: events are at most once
+    /// and nobody stores them. The memory broker has no listeners and returns 0.
+    fn publish_event(
+        &self,
+        hostname: &str,
+        routing_key: &str,
+        body: &str,
+    ) -> impl Future<Output = BrokerResult<u64>> + Send;
 }
 
 /// Where results go: Celery's result backend.

@@ -412,6 +412,8 @@ const RESTORE_LIMIT: usize = 10_000;
 #[derive(Clone)]
 pub struct RedisBroker {
     url: String,
+    /// The database number, which kombu puts in every fanout topic (`/0.celeryev/...`).
+    db: i64,
     conn: ConnectionManager,
     opts: BrokerOptions,
     fetch: Script,
@@ -446,8 +448,14 @@ pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
 impl RedisBroker {
     /// Connects to the broker at `url`.
     pub async fn connect(url: &str, opts: BrokerOptions) -> anyhow::Result<Self> {
+        let db = redis::Client::open(url)
+            .with_context(|| format!("invalid Redis URL {url}"))?
+            .get_connection_info()
+            .redis
+            .db;
         Ok(RedisBroker {
             url: url.to_string(),
+            db,
             conn: connect(url).await?,
             opts,
             fetch: Script::new(&format!("{FETCH}{LUA_DEAD_LETTER}{FETCH_BODY}")),
@@ -482,6 +490,16 @@ impl RedisBroker {
     /// A celeriac key with the global prefix.
     pub fn own(&self, name: &str) -> String {
         format!("{}celeriac:{name}", self.opts.global_prefix)
+    }
+
+    /// The channel kombu publishes a fanout exchange's messages on: `/<db>.<exchange>`, then
+    /// `/<routing key>` when there is one (`/0.celeryev/worker.heartbeat`, `/0.celery.pidbox`).
+    pub fn fanout_topic(&self, exchange: &str, routing_key: &str) -> String {
+        let prefix = &self.opts.global_prefix;
+        match routing_key {
+            "" => format!("{prefix}/{}.{exchange}", self.db),
+            key => format!("{prefix}/{}.{exchange}/{key}", self.db),
+        }
     }
 
     /// The URL it was connected with.
@@ -878,13 +896,67 @@ impl Broker for RedisBroker {
         Ok(n)
     }
 
+    fn describe(&self) -> serde_json::Value {
+        let info = redis::IntoConnectionInfo::into_connection_info(self.url.as_str()).ok();
+        let (host, port, path) = match info.as_ref().map(|i| &i.addr) {
+            Some(redis::ConnectionAddr::Tcp(h, p)) => (h.clone(), Some(*p), None),
+            Some(redis::ConnectionAddr::TcpTls { host, port, .. }) => {
+                (host.clone(), Some(*port), None)
+            }
+            Some(redis::ConnectionAddr::Unix(path)) => {
+                ("localhost".to_string(), None, Some(path.display().to_string()))
+            }
+            _ => ("localhost".to_string(), None, None),
+        };
+        let user = info.as_ref().and_then(|i| i.redis.username.clone());
+        let masked = match (&path, port) {
+            (Some(path), _) => format!("redis+socket://{path}?virtual_host={}", self.db),
+            (None, port) => {
+                let auth = match (&user, info.as_ref().and_then(|i| i.redis.password.as_ref())) {
+                    (Some(u), _) => format!("{u}:**@"),
+                    (None, Some(_)) => ":**@".to_string(),
+                    _ => String::new(),
+                };
+                format!("redis://{auth}{host}:{}/{}", port.unwrap_or(6379), self.db)
+            }
+        };
+        serde_json::json!({
+            "hostname": host,
+            "userid": user,
+            "virtual_host": self.db.to_string(),
+            "port": port,
+            "insist": false,
+            "ssl": matches!(info.as_ref().map(|i| &i.addr), Some(redis::ConnectionAddr::TcpTls { .. })),
+            "transport": "redis",
+            "connect_timeout": 4,
+            "transport_options": {"global_keyprefix": self.opts.global_prefix},
+            "login_method": null,
+            "uri_prefix": null,
+            "heartbeat": 120.0,
+            "failover_strategy": "round-robin",
+            "alternates": [],
+            "url": masked,
+        })
+    }
+
     async fn serve_control(
         &self,
         hostname: String,
         revoke_ttl: Duration,
-        revoked: tokio::sync::mpsc::UnboundedSender<crate::control::Revocation>,
+        node: std::sync::Arc<dyn crate::control::Node>,
     ) {
-        crate::control::serve(self.clone(), hostname, revoke_ttl, revoked).await
+        crate::control::serve(self.clone(), hostname, revoke_ttl, node).await
+    }
+
+    async fn publish_event(
+        &self,
+        hostname: &str,
+        routing_key: &str,
+        body: &str,
+    ) -> BrokerResult<u64> {
+        let headers = serde_json::json!({ "hostname": hostname });
+        let envelope = crate::protocol::kombu_envelope(body, headers, 1, "celeryev", routing_key);
+        Ok(self.conn.clone().publish(self.fanout_topic("celeryev", routing_key), envelope).await?)
     }
 }
 

@@ -7,10 +7,16 @@
 //! runs its lease is renewed; if the worker dies the lease runs out and any worker restores the
 //! message. A failed task is logged and the loop goes on; losing Redis makes the loop wait and
 //! reconnect, never exit.
+//!
+//! Each step of a task's life is emitted once on the lifecycle stream ([`crate::lifecycle`]),
+//! where the log line, Celery events and metrics pick it up.
+
+mod node;
 
 use crate::broker::{Broker, Delivery, FollowUp, ResultStore, now_ms};
-use crate::control::Revocation;
+use crate::events::CeleryEvents;
 use crate::kv::KvStore;
+use crate::lifecycle::{Failure, Lifecycle, Revoked, Stage, Subscriber, TaskEvent};
 use crate::protocol::{self, NewTask, Poison, TaskMessage, states};
 use crate::registry::Registry;
 use crate::results::StoredResult;
@@ -110,8 +116,27 @@ impl std::fmt::Display for Stats {
 }
 
 struct Running {
-    id: String,
+    /// The task, once its message decoded (for `inspect active`).
+    task: Option<Arc<TaskMessage>>,
+    /// When it was taken, in seconds since the epoch.
+    since: f64,
     signals: Signals,
+}
+
+impl Running {
+    fn id(&self) -> &str {
+        self.task.as_ref().map_or("", |t| t.id.as_str())
+    }
+}
+
+/// What watches a worker: subscribers to its lifecycle stream, and the Celery events it sends
+/// (which the `enable_events` / `disable_events` control commands switch).
+#[derive(Default)]
+pub struct Monitoring {
+    /// Lifecycle subscribers besides the log line (metrics, ...).
+    pub subscribers: Vec<Arc<dyn Subscriber>>,
+    /// Celery events for Flower; `None` sends none.
+    pub events: Option<Arc<CeleryEvents>>,
 }
 
 /// Results to store and, for a handled message, the commands to run atomically with its ack
@@ -150,6 +175,14 @@ pub struct Worker<B: Broker, R: ResultStore> {
     /// revocations cost a worker no memory.
     revocations: AtomicBool,
     settle_tx: Mutex<Option<mpsc::UnboundedSender<Settlement>>>,
+    /// Where each step of a task's life is reported.
+    lifecycle: Lifecycle,
+    events: Option<Arc<CeleryEvents>>,
+    /// Tasks taken per name since start (Celery's `stats.total`).
+    totals: Arc<node::Totals>,
+    /// Cancelled by the `shutdown` control command; set while the worker runs.
+    shutdown: Mutex<Option<CancellationToken>>,
+    started: Instant,
     /// Counters since start.
     pub stats: Stats,
 }
@@ -157,8 +190,8 @@ pub struct Worker<B: Broker, R: ResultStore> {
 /// A fetched message as the fetch loop read it: a task, a message that is not one (dead-lettered
 /// untouched), or one the decoder itself failed on (celeriac's bug, settled like a host panic).
 enum Decoded {
-    /// Boxed: it is most of what each spawned task carries.
-    Task(Box<TaskMessage>),
+    /// Shared: the running-task table shows it to `inspect active`.
+    Task(Arc<TaskMessage>),
     Poison(Poison),
     Panicked(String),
 }
@@ -166,7 +199,7 @@ enum Decoded {
 impl Decoded {
     fn of(payload: &[u8]) -> Decoded {
         match std::panic::catch_unwind(|| protocol::decode(payload)) {
-            Ok(Ok(msg)) => Decoded::Task(Box::new(msg)),
+            Ok(Ok(msg)) => Decoded::Task(Arc::new(msg)),
             Ok(Err(poison)) => Decoded::Poison(poison),
             Err(panic) => Decoded::Panicked(panic_message(panic.as_ref())),
         }
@@ -199,6 +232,24 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         kv: KvStore,
         opts: WorkerOptions,
     ) -> Arc<Self> {
+        Self::monitored(registry, broker, results, kv, opts, Monitoring::default())
+    }
+
+    /// A worker whose lifecycle `monitoring` watches.
+    pub fn monitored(
+        registry: Arc<Registry>,
+        broker: B,
+        results: R,
+        kv: KvStore,
+        opts: WorkerOptions,
+        monitoring: Monitoring,
+    ) -> Arc<Self> {
+        let totals = Arc::new(node::Totals::default());
+        let mut subscribers = monitoring.subscribers;
+        subscribers.push(totals.clone());
+        if let Some(events) = &monitoring.events {
+            subscribers.push(events.clone());
+        }
         Arc::new(Worker {
             registry,
             broker,
@@ -210,6 +261,11 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             running: Mutex::new(HashMap::new()),
             revocations: AtomicBool::new(false),
             settle_tx: Mutex::new(None),
+            lifecycle: Lifecycle::new(subscribers),
+            events: monitoring.events,
+            totals,
+            shutdown: Mutex::new(None),
+            started: Instant::now(),
             stats: Stats::default(),
         })
     }
@@ -234,23 +290,23 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     ) -> anyhow::Result<()> {
         self.broker.declare(&self.opts.queues).await?;
         self.refresh_revoked().await;
+        *self.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = Some(shutdown.clone());
+        let stop_events = CancellationToken::new();
+        let events = self.events.clone().map(|events| {
+            let me = self.clone();
+            let load = move || me.load();
+            tokio::spawn(events.run(self.broker.clone(), load, stop_events.clone()))
+        });
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         *self.settle_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(settle_tx);
         let settler = tokio::spawn(self.clone().settler(settle_rx));
         info!(worker = %self.opts.hostname, queues = ?self.opts.queues, concurrency = self.opts.concurrency, "worker ready");
         let stop_maintenance = CancellationToken::new();
         let maintenance = tokio::spawn(self.clone().maintain(stop_maintenance.clone()));
-        let (revoked_tx, revoked_rx) = mpsc::unbounded_channel();
         let control = {
-            let (broker, hostname, ttl) =
-                (self.broker.clone(), self.opts.hostname.clone(), self.opts.revoke_ttl);
-            let me = self.clone();
-            tokio::spawn(async move {
-                tokio::join!(
-                    broker.serve_control(hostname, ttl, revoked_tx),
-                    me.apply_revocations(revoked_rx)
-                )
-            })
+            let (broker, node) = (self.broker.clone(), self.clone());
+            let (hostname, ttl) = (self.opts.hostname.clone(), self.opts.revoke_ttl);
+            tokio::spawn(async move { broker.serve_control(hostname, ttl, node).await })
         };
         let slots = Arc::new(Semaphore::new(self.opts.concurrency));
         let tasks = TaskTracker::new();
@@ -293,6 +349,11 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         stop_maintenance.cancel();
         control.abort();
         let _ = maintenance.await;
+        // Last, so the offline event follows every task event.
+        stop_events.cancel();
+        if let Some(events) = events {
+            let _ = events.await;
+        }
         // Whatever is still unacked (stopped at shutdown) goes back to its queue now rather than
         // after its lease: its tags are ours and nobody runs them any more.
         let leftovers: Vec<String> = self.running().keys().cloned().collect();
@@ -379,8 +440,15 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             for ((d, decoded), admission) in batch.into_iter().zip(admissions) {
                 let Some(permit) = permits.split(1) else { break };
                 let signals = Signals::default();
-                self.running()
-                    .insert(d.tag.clone(), Running { id: String::new(), signals: signals.clone() });
+                let running = Running {
+                    task: match &decoded {
+                        Decoded::Task(msg) => Some(msg.clone()),
+                        _ => None,
+                    },
+                    since: crate::broker::now_secs(),
+                    signals: signals.clone(),
+                };
+                self.running().insert(d.tag.clone(), running);
                 let me = self.clone();
                 let stop = shutdown.clone();
                 tasks.spawn(async move {
@@ -441,14 +509,11 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     async fn handle(
         &self,
         d: &Delivery,
-        msg: Box<TaskMessage>,
+        msg: Arc<TaskMessage>,
         admission: Admission,
         signals: Signals,
         shutdown: &CancellationToken,
     ) -> Disposition {
-        if let Some(r) = self.running().get_mut(&d.tag) {
-            r.id = msg.id.clone();
-        }
         // Ids and names come from the producer: escaped, so they cannot forge log lines.
         let span = info_span!(
             "task",
@@ -468,10 +533,13 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             );
         }
         let disposition = async move {
+            self.emit(d, &msg, Stage::Received, None);
             // Unknown task: nobody here can run it. Fail it visibly rather than drop it.
             let Ok(entry) = self.registry.get(&msg.task) else {
                 self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
                 let reason = format!("task {:?} is not registered with this worker", msg.task);
+                let error = Failure { exc_type: "NotRegistered", message: &reason, traceback: "" };
+                self.emit(d, &msg, Stage::Failed { error }, None);
                 let failure = self.result(
                     &msg,
                     states::FAILURE,
@@ -484,14 +552,12 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             // Revoked (by id, checked for the whole fetched batch) or expired: never run.
             if admission.revoked {
                 self.stats.revoked.fetch_add(1, Ordering::Relaxed);
-                info!(queue = %d.queue, outcome = "revoked", "task revoked before it ran");
-                return self.finish_revoked(&msg, "revoked");
+                return self.finish_revoked(d, &msg, Revoked::ById, None);
             }
             let now = Utc::now();
             if msg.expired(now) {
                 self.stats.revoked.fetch_add(1, Ordering::Relaxed);
-                info!(queue = %d.queue, outcome = "expired", "task expired before it ran");
-                return self.finish_revoked(&msg, "expired");
+                return self.finish_revoked(d, &msg, Revoked::Expired, None);
             }
 
             // Not due yet: park it in the scheduled set, not in worker memory.
@@ -522,6 +588,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 })
                 .await;
             }
+            self.emit(d, &msg, Stage::Started, None);
             let limits = producer_limits(&entry.spec.limits, msg.time_limits);
             let invocation = Invocation {
                 id: msg.id.clone(),
@@ -561,15 +628,9 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 }
                 None => run.await,
             };
-            info!(
-                queue = %d.queue,
-                retries = msg.retries,
-                runtime_ms = report.wall.as_secs_f64() * 1000.0,
-                outcome = report.outcome.kind(),
-                "task finished"
-            );
             if report.outcome == Outcome::Terminated && shutdown.is_cancelled() {
                 // Stopped because the worker is going away: hand it back, do not fail it.
+                info!(queue = %printable(&d.queue), "task stopped by the shutdown; handed back to its queue");
                 return Disposition::Requeue;
             }
             self.classify(d, &msg, &entry.spec, report)
@@ -600,6 +661,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         let outcome = &report.outcome;
         if let Outcome::Success { result } = outcome {
             self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+            self.emit(d, msg, Stage::Succeeded { result }, Some(&report));
             let mut then = Vec::with_capacity(report.children.len());
             let children: Vec<String> =
                 report.children.iter().map(|c| self.publish_child(&mut then, msg, c)).collect();
@@ -611,7 +673,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         }
         if outcome == &Outcome::Terminated {
             self.stats.revoked.fetch_add(1, Ordering::Relaxed);
-            return self.finish_revoked(msg, "terminated");
+            return self.finish_revoked(d, msg, Revoked::Terminated, Some(&report));
         }
         let (mut exc_type, mut message) = outcome.exception().unwrap_or_default();
         let retry = spec.retry.should_retry(outcome, msg.retries);
@@ -629,8 +691,10 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             Outcome::Trap { backtrace: Some(bt), .. } => format!("{exc_type}: {message}\n{bt}"),
             _ => format!("{exc_type}: {message}"),
         };
+        let error = Failure { exc_type: &exc_type, message: &message, traceback: &traceback };
         if retry {
             self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            self.emit(d, msg, Stage::Retried { error }, Some(&report));
             let delay = match outcome {
                 Outcome::Retry { countdown: Some(c), .. } => *c,
                 _ => jitter(spec.retry.delay(msg.retries), spec.retry.jitter),
@@ -655,6 +719,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             return Disposition::Finish { results: vec![stored], then };
         }
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        self.emit(d, msg, Stage::Failed { error }, Some(&report));
         let stored = StoredResult {
             id: msg.id.clone(),
             meta: protocol::result_meta(&msg.id, states::FAILURE, exception, Some(&traceback), &[]),
@@ -761,7 +826,24 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         }
     }
 
-    fn finish_revoked(&self, msg: &TaskMessage, why: &str) -> Disposition {
+    /// Tells the lifecycle stream about a step of `msg`'s life.
+    fn emit(&self, d: &Delivery, msg: &TaskMessage, stage: Stage<'_>, report: Option<&RunReport>) {
+        self.lifecycle.emit(TaskEvent { queue: &d.queue, task: Some(msg), stage, report });
+    }
+
+    fn finish_revoked(
+        &self,
+        d: &Delivery,
+        msg: &TaskMessage,
+        why: Revoked,
+        report: Option<&RunReport>,
+    ) -> Disposition {
+        self.emit(d, msg, Stage::Revoked { why }, report);
+        let why = match why {
+            Revoked::ById => "revoked",
+            Revoked::Expired => "expired",
+            Revoked::Terminated => "terminated",
+        };
         let exc = json!({"exc_type": "TaskRevokedError", "exc_message": [why], "exc_module": "celery.exceptions"});
         Disposition::Finish {
             results: vec![self.result(msg, states::REVOKED, exc, &[])],
@@ -793,6 +875,10 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             task.id = %printable(msg.as_ref().map_or("?", |m| m.id.as_str())),
             "dead-lettering ({reason}): {error}"
         );
+        if let Some(m) = &msg {
+            let error = Failure { exc_type: "HostError", message: error, traceback: "" };
+            self.emit(d, m, Stage::Failed { error }, None);
+        }
         let results = msg
             .iter()
             .map(|m| self.result(m, states::FAILURE, protocol::exception("HostError", error), &[]))
@@ -806,6 +892,8 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     fn poison(&self, d: &Delivery, poison: &Poison) -> Disposition {
         self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
         warn!(queue = %d.queue, reason = poison.kind(), "dead-lettering an undecodable message: {poison}");
+        let stage = Stage::Rejected { reason: poison.kind() };
+        self.lifecycle.emit(TaskEvent { queue: &d.queue, task: None, stage, report: None });
         let record =
             dead_letter_record(d, None, poison.kind(), &poison.to_string(), 0, &self.opts.hostname);
         let then = vec![FollowUp::DeadLetter { queue: d.queue.clone(), record }];
@@ -937,21 +1025,6 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         self.settled(&fallback);
     }
 
-    /// Applies revocations heard on the control channel as they come: the mirrored set takes
-    /// the ids at once (the maintenance tick would take up to `MAINTENANCE_TICK`), and a
-    /// terminate stops running copies now.
-    async fn apply_revocations(&self, mut revoked: mpsc::UnboundedReceiver<Revocation>) {
-        while let Some(r) = revoked.recv().await {
-            // The listener stored the revocation in Redis before passing it on.
-            self.revocations.store(true, Ordering::Relaxed);
-            if r.terminate {
-                for running in self.running().values().filter(|t| r.ids.contains(&t.id)) {
-                    running.signals.terminate();
-                }
-            }
-        }
-    }
-
     /// Notes whether any revocation is in force (expired ones are pruned first).
     async fn refresh_revoked(&self) {
         match self.broker.revoked_count().await {
@@ -1037,7 +1110,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 _ = tokio::time::sleep(MAINTENANCE_TICK) => {}
             }
             let (tags, ids): (Vec<String>, Vec<String>) =
-                self.running().iter().map(|(t, r)| (t.clone(), r.id.clone())).unzip();
+                self.running().iter().map(|(t, r)| (t.clone(), r.id().to_string())).unzip();
             if let Err(e) = self.broker.renew(&tags).await {
                 warn!("lease renewal failed: {e}");
             }
@@ -1050,7 +1123,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                     if terminate {
                         running
                             .values()
-                            .filter(|r| r.id == *id)
+                            .filter(|r| r.id() == *id)
                             .for_each(|r| r.signals.terminate());
                     }
                 }

@@ -1,0 +1,307 @@
+//! Celery events, so Flower, `celery events` and anything built on Celery's `EventReceiver` see a
+//! celeriac worker and its tasks as they see a Python worker.
+//!
+//! - Worker events, always: `worker-online` at start, `worker-heartbeat` every two seconds
+//!   (`freq: 2.0`) and `worker-offline` at stop. Flower counts a worker online while its last
+//!   heartbeat is younger than twice `freq`.
+//! - Task events (`task-received`, `-started`, `-succeeded`, `-failed`, `-retried`, `-revoked`),
+//!   on by default and switched by the `enable_events` / `disable_events` control commands. They
+//!   come from the lifecycle stream ([`crate::lifecycle`]) and are sent in batches as a JSON list
+//!   on `task.multi`, as a Python worker buffers them, at most every `FLUSH_EVERY`.
+//!
+//! Events are at most once: nobody stores them. Every PUBLISH answers how many listeners took
+//! it; while the answer is none, task events are not even built. The next heartbeat (or the
+//! `heartbeat` command Flower broadcasts when it starts) notices a new listener, so a listener
+//! misses at most two seconds of task events, and an unwatched worker pays nothing for them.
+
+use crate::broker::Broker;
+use crate::lifecycle::{Revoked, Stage, Subscriber, TaskEvent};
+use crate::repr;
+use serde_json::{Map, Value, json};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// How often a heartbeat is sent, and the `freq` it announces (Celery's default).
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+/// Longest a task event waits in the buffer.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Buffered task events that trigger a send before `FLUSH_EVERY`.
+const FLUSH_AT: usize = 256;
+/// Most task events held while Redis does not take them; older ones are dropped.
+const MAX_BUFFERED: usize = 10_000;
+
+/// What a heartbeat reports about the worker's load.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Load {
+    /// Tasks running now.
+    pub active: usize,
+    /// Tasks taken since the worker started.
+    pub processed: u64,
+}
+
+/// The Celery events of one worker node.
+pub struct CeleryEvents {
+    hostname: String,
+    pid: u32,
+    /// Whether task events are sent (`enable_events` / `disable_events`).
+    task_events: AtomicBool,
+    /// Whether the last PUBLISH reached anyone.
+    listening: AtomicBool,
+    /// Celery's logical clock: every event takes the next value.
+    clock: AtomicU64,
+    /// Hours west of UTC, times 3600 (seconds), refreshed at every heartbeat so it follows DST.
+    utcoffset_secs: AtomicI64,
+    buffer: Mutex<Vec<String>>,
+    flush_now: Notify,
+    beat_now: Notify,
+}
+
+impl CeleryEvents {
+    /// Events from node `hostname` (`celeriac@host`), task events on.
+    pub fn new(hostname: &str) -> Arc<Self> {
+        Arc::new(CeleryEvents {
+            hostname: hostname.to_string(),
+            pid: std::process::id(),
+            task_events: AtomicBool::new(true),
+            listening: AtomicBool::new(true),
+            clock: AtomicU64::new(0),
+            utcoffset_secs: AtomicI64::new(west_of_utc_secs()),
+            buffer: Mutex::new(Vec::new()),
+            flush_now: Notify::new(),
+            beat_now: Notify::new(),
+        })
+    }
+
+    /// Switches task events; returns the previous setting.
+    pub fn set_task_events(&self, on: bool) -> bool {
+        self.task_events.swap(on, Ordering::Relaxed)
+    }
+
+    /// Whether task events are on.
+    pub fn task_events_on(&self) -> bool {
+        self.task_events.load(Ordering::Relaxed)
+    }
+
+    /// Sends a heartbeat now rather than at the next tick.
+    pub fn heartbeat_now(&self) {
+        self.beat_now.notify_one();
+    }
+
+    /// Sends `worker-online`, heartbeats and task events until `stop`, then what is buffered
+    /// and `worker-offline`. `load` tells the heartbeat how busy the worker is.
+    pub async fn run<B: Broker>(
+        self: Arc<Self>,
+        broker: B,
+        load: impl Fn() -> Load + Send,
+        stop: CancellationToken,
+    ) {
+        let mut failing = false;
+        self.send(
+            &broker,
+            "worker.online",
+            &self.worker_event("worker-online", load()),
+            &mut failing,
+        )
+        .await;
+        let mut beat = tokio::time::interval(HEARTBEAT_EVERY);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        beat.tick().await;
+        let mut flush = tokio::time::interval(FLUSH_EVERY);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = beat.tick() => self.heartbeat(&broker, &load, &mut failing).await,
+                _ = self.beat_now.notified() => self.heartbeat(&broker, &load, &mut failing).await,
+                _ = flush.tick() => self.flush(&broker, &mut failing).await,
+                _ = self.flush_now.notified() => self.flush(&broker, &mut failing).await,
+            }
+        }
+        self.flush(&broker, &mut failing).await;
+        self.send(
+            &broker,
+            "worker.offline",
+            &self.worker_event("worker-offline", load()),
+            &mut failing,
+        )
+        .await;
+    }
+
+    async fn heartbeat<B: Broker>(&self, broker: &B, load: &impl Fn() -> Load, failing: &mut bool) {
+        self.utcoffset_secs.store(west_of_utc_secs(), Ordering::Relaxed);
+        let event = self.worker_event("worker-heartbeat", load());
+        self.send(broker, "worker.heartbeat", &event, failing).await;
+    }
+
+    /// Sends the buffered task events as one `task.multi` list.
+    async fn flush<B: Broker>(&self, broker: &B, failing: &mut bool) {
+        let events = std::mem::take(&mut *self.buffer.lock().unwrap_or_else(|p| p.into_inner()));
+        if events.is_empty() {
+            return;
+        }
+        let body = format!("[{}]", events.join(","));
+        self.send(broker, "task.multi", &body, failing).await;
+    }
+
+    /// Publishes one event body and notes whether anyone listens. Redis being away loses the
+    /// events (they are at most once) and is logged once, not at every event.
+    async fn send<B: Broker>(&self, broker: &B, routing_key: &str, body: &str, failing: &mut bool) {
+        match broker.publish_event(&self.hostname, routing_key, body).await {
+            Ok(listeners) => {
+                self.listening.store(listeners > 0, Ordering::Relaxed);
+                if std::mem::take(failing) {
+                    debug!("sending Celery events again");
+                }
+            }
+            Err(e) if !*failing => {
+                *failing = true;
+                warn!("could not send Celery events; dropping them until Redis answers: {e}");
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// The fields every event carries, and the event's own clock tick.
+    fn common(&self, kind: &str) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("hostname".into(), Value::String(self.hostname.clone()));
+        m.insert("utcoffset".into(), utcoffset_value(self.utcoffset_secs.load(Ordering::Relaxed)));
+        m.insert("pid".into(), json!(self.pid));
+        m.insert("clock".into(), json!(self.clock.fetch_add(1, Ordering::Relaxed) + 1));
+        m.insert("timestamp".into(), json!(crate::broker::now_secs()));
+        m.insert("type".into(), Value::String(kind.into()));
+        m
+    }
+
+    fn worker_event(&self, kind: &str, load: Load) -> String {
+        let mut m = self.common(kind);
+        m.insert("freq".into(), json!(HEARTBEAT_EVERY.as_secs_f64()));
+        m.insert("active".into(), json!(load.active));
+        m.insert("processed".into(), json!(load.processed));
+        m.insert("loadavg".into(), json!(loadavg()));
+        m.insert("sw_ident".into(), json!("celeriac"));
+        m.insert("sw_ver".into(), json!(env!("CARGO_PKG_VERSION")));
+        m.insert("sw_sys".into(), json!(system_name()));
+        Value::Object(m).to_string()
+    }
+
+    /// The Celery event for one lifecycle step, or `None` for a step Celery has no event for.
+    fn task_event(&self, e: &TaskEvent<'_>) -> Option<Map<String, Value>> {
+        let task = e.task?;
+        let mut fields = Map::new();
+        fields.insert("uuid".into(), Value::String(task.id.clone()));
+        match e.stage {
+            Stage::Received => {
+                let args = serde_json::from_str(&task.args).unwrap_or(Value::Null);
+                let kwargs = serde_json::from_str(&task.kwargs).unwrap_or(Value::Null);
+                let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                    t.map_or(Value::Null, |t| Value::String(crate::protocol::format_time(t)))
+                };
+                fields.insert("name".into(), json!(task.task));
+                fields.insert(
+                    "args".into(),
+                    json!(repr::truncate(repr::args_repr(&args), repr::MAX_REPR)),
+                );
+                fields.insert(
+                    "kwargs".into(),
+                    json!(repr::truncate(repr::repr(&kwargs), repr::MAX_REPR)),
+                );
+                fields.insert("root_id".into(), json!(task.root_id.as_ref().unwrap_or(&task.id)));
+                fields.insert("parent_id".into(), json!(task.parent_id));
+                fields.insert("retries".into(), json!(task.retries));
+                fields.insert("eta".into(), time(task.eta));
+                fields.insert("expires".into(), time(task.expires));
+            }
+            Stage::Started => {}
+            Stage::Succeeded { result } => {
+                let shown = repr::truncate(repr::repr_of_json(result), repr::MAX_REPR);
+                fields.insert("result".into(), Value::String(shown));
+                let runtime = e.report.map_or(0.0, |r| r.wall.as_secs_f64());
+                fields.insert("runtime".into(), json!(runtime));
+            }
+            Stage::Failed { error } | Stage::Retried { error } => {
+                let exception = repr::exception_repr(error.exc_type, error.message);
+                fields.insert("exception".into(), json!(repr::truncate(exception, repr::MAX_REPR)));
+                fields.insert("traceback".into(), json!(error.traceback));
+            }
+            Stage::Revoked { why } => {
+                fields.insert("terminated".into(), json!(why == Revoked::Terminated));
+                let signum = (why == Revoked::Terminated).then_some(15);
+                fields.insert("signum".into(), json!(signum));
+                fields.insert("expired".into(), json!(why == Revoked::Expired));
+            }
+            // Celery's `task-rejected` names a task; a message that is not one has no id.
+            Stage::Rejected { .. } => return None,
+        }
+        Some(fields)
+    }
+}
+
+impl Subscriber for CeleryEvents {
+    fn on_task(&self, e: &TaskEvent<'_>) {
+        if !self.task_events.load(Ordering::Relaxed) || !self.listening.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(fields) = self.task_event(e) else { return };
+        let kind = format!("task-{}", e.stage.name());
+        let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        // Built under the lock, so the buffer is in clock order.
+        let mut event = self.common(&kind);
+        event.extend(fields);
+        if buffer.len() >= MAX_BUFFERED {
+            buffer.remove(0);
+        }
+        buffer.push(Value::Object(event).to_string());
+        if buffer.len() >= FLUSH_AT {
+            self.flush_now.notify_one();
+        }
+    }
+}
+
+/// Seconds west of UTC now, as Python's `time.altzone` (in DST) or `time.timezone`: a host in
+/// Berlin gives -3600 in winter and -7200 in summer.
+fn west_of_utc_secs() -> i64 {
+    use chrono::Offset as _;
+    -i64::from(chrono::Local::now().offset().fix().local_minus_utc())
+}
+
+/// `utcoffset` as Celery 5.7 sends it: hours west of UTC as a float, so half-hour zones are
+/// exact (5.6 floored it to an integer; receivers accept both).
+fn utcoffset_value(west_secs: i64) -> Value {
+    json!(west_secs as f64 / 3600.0)
+}
+
+/// The 1, 5 and 15 minute load averages, rounded to two places as Celery sends them.
+fn loadavg() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut it = text.split_whitespace().map(|v| v.parse::<f64>().unwrap_or(0.0));
+    let mut next = || (it.next().unwrap_or(0.0) * 100.0).round() / 100.0;
+    [next(), next(), next()]
+}
+
+/// The system's name as Python's `platform.system()` gives it (`Linux`, `Darwin`).
+fn system_name() -> &'static str {
+    match std::env::consts::OS {
+        "linux" => "Linux",
+        "macos" => "Darwin",
+        "freebsd" => "FreeBSD",
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utcoffset_is_hours_west_as_a_float() {
+        assert_eq!(utcoffset_value(0), json!(0.0));
+        assert_eq!(utcoffset_value(-7200), json!(-2.0));
+        assert_eq!(utcoffset_value(18000), json!(5.0));
+        assert_eq!(utcoffset_value(-19800), json!(-5.5));
+    }
+}
