@@ -98,6 +98,14 @@ pub trait Node: Send + Sync {
     fn heartbeat(&self);
     /// Starts a warm shutdown, as SIGTERM does.
     fn shutdown(&self);
+    /// Starts consuming `queue` (its binding is declared); returns whether it is new.
+    fn add_queue(&self, queue: &str) -> bool;
+    /// Stops consuming `queue`; returns whether it was consumed.
+    fn cancel_queue(&self, queue: &str) -> bool;
+    /// Carries out a command that changes a running setting (`rate_limit`, `time_limit`,
+    /// `pool_grow`, `pool_shrink`, `autoscale`) and returns its reply; `None` for any other
+    /// method.
+    fn adjust(&self, method: &str, arguments: &Value) -> Option<Value>;
 }
 
 /// Broadcasts a `revoke` as Celery's `app.control.revoke` does (no reply wanted), so every
@@ -224,10 +232,27 @@ async fn answer(
             node.shutdown();
             json!({"ok": "shutting down"})
         }
-        other => {
+        "add_consumer" | "cancel_consumer" => {
+            let queue = args["queue"].as_str().unwrap_or("");
+            if let Err(e) = crate::broker::check_queue_name(queue) {
+                return Ok(json!({"error": e}));
+            }
+            if req.method == "cancel_consumer" {
+                return Ok(match node.cancel_queue(queue) {
+                    true => json!({"ok": format!("no longer consuming from {queue}")}),
+                    false => json!({"error": format!("not consuming from {queue}")}),
+                });
+            }
+            broker.declare(&[queue.to_string()]).await?;
+            match node.add_queue(queue) {
+                true => json!({"ok": format!("add consumer {queue}")}),
+                false => json!({"ok": format!("already consuming from {queue}")}),
+            }
+        }
+        other => node.adjust(other, args).unwrap_or_else(|| {
             debug!(method = %printable(other), "unsupported control request");
             json!({"error": format!("celeriac does not support the control command {other:?}")})
-        }
+        }),
     })
 }
 

@@ -97,8 +97,9 @@ def watch(node):
     dump.terminate()
     out["dump"] = dump.communicate(timeout=10)[0]
 
-    # One task left running, for `active`.
-    slow = app.send_task("diagnostics.sleep", args=[3000], queue="default")
+    # One task left running, for `active`, until it is revoked below: long enough to outlast
+    # every inspect (the CLI ones wait out their timeout).
+    slow = app.send_task("diagnostics.sleep", args=[60000], queue="default")
     deadline = time.time() + 20
     while slow.state != "STARTED" and time.time() < deadline:
         time.sleep(0.01)
@@ -122,8 +123,8 @@ def watch(node):
     for method in ("disable_events", "enable_events", "enable_events", "pool_restart"):
         replies = app.control.broadcast(method, destination=[node], reply=True, timeout=1.0)
         out["control"].setdefault(method, []).append(replies)
-    slow.get(timeout=30)
-    watcher.wait_for(lambda e: e["type"] == "task-succeeded" and e.get("uuid") == slow.id, 10)
+    app.control.revoke(slow.id, terminate=True)
+    watcher.wait_for(lambda e: e["type"] == "task-revoked" and e.get("uuid") == slow.id, 10)
 
     # What Flower's state machine makes of it all, while the worker is up.
     with watcher.lock:
@@ -154,8 +155,74 @@ def watch(node):
     print(json.dumps(out, default=repr))
 
 
+def control(node):
+    """The control commands that change a running worker, and what each change does."""
+    r = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
+    c = app.control
+    out = {}
+    deadline = time.time() + 60
+    while not c.ping(destination=[node], timeout=0.5) and time.time() < deadline:
+        pass
+    dest = {"destination": [node], "reply": True, "timeout": 1.0}
+
+    def one(replies):
+        return replies[0][node] if replies else None
+
+    def run(task, args, n, queue="default"):
+        started = time.time()
+        results = [app.send_task(task, args=args, queue=queue) for _ in range(n)]
+        states = []
+        for res in results:
+            try:
+                res.get(timeout=30)
+            except Exception as e:  # the task's failure, re-raised by Celery
+                states.append(type(e).__name__)
+            else:
+                states.append(res.state)
+        return {"seconds": time.time() - started, "states": states}
+
+    out["rate_unknown"] = one(c.rate_limit("no.such.task", "1/s", **dest))
+    out["rate_set"] = one(c.rate_limit("diagnostics.noop", "2/s", **dest))
+    out["rate_limited"] = run("diagnostics.noop", [1], 6)
+    out["rate_off"] = one(c.rate_limit("diagnostics.noop", "0", **dest))
+    out["rate_unlimited"] = run("diagnostics.noop", [1], 6)
+
+    out["time_set"] = one(c.time_limit("diagnostics.sleep", hard=0.5, **dest))
+    out["time_limited"] = run("diagnostics.sleep", [5000], 1)
+    out["time_unknown"] = one(c.time_limit("no.such.task", hard=1, **dest))
+
+    out["grow"] = one(c.pool_grow(2, **dest))
+    sleeps = [app.send_task("diagnostics.sleep", args=[1500], queue="default") for _ in range(3)]
+    deadline = time.time() + 20
+    most = 0
+    while time.time() < deadline and not all(s.ready() for s in sleeps):
+        active = (c.inspect(destination=[node], timeout=1.0).active() or {}).get(node) or []
+        most = max(most, len(active))
+        time.sleep(0.1)
+    out["grown_active"] = most
+    out["grown_stats"] = len(c.inspect(destination=[node], timeout=1.0).stats()[node]["pool"]["processes"])
+    out["shrink"] = one(c.pool_shrink(1, **dest))
+    out["autoscale"] = one(c.autoscale(4, 1, **dest))
+    out["autoscaled_stats"] = len(c.inspect(destination=[node], timeout=1.0).stats()[node]["pool"]["processes"])
+    out["shrink_more"] = [one(c.pool_shrink(1, **dest)) for _ in range(3)]
+    out["shrink_last"] = one(c.pool_shrink(1, **dest))
+
+    out["add"] = one(c.add_consumer("extra", **dest))
+    out["add_again"] = one(c.add_consumer("extra", **dest))
+    out["queues_added"] = [q["name"] for q in c.inspect(destination=[node], timeout=1.0).active_queues()[node]]
+    out["extra_run"] = run("diagnostics.noop", [2], 1, queue="extra")
+    out["cancel"] = one(c.cancel_consumer("extra", **dest))
+    out["queues_cancelled"] = [q["name"] for q in c.inspect(destination=[node], timeout=1.0).active_queues()[node]]
+    app.send_task("diagnostics.noop", args=[3], queue="extra")
+    time.sleep(1.5)
+    out["extra_waiting"] = r.llen("extra")
+    print(json.dumps(out, default=repr))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "watch":
         watch(sys.argv[2])
+    elif sys.argv[1] == "control":
+        control(sys.argv[2])
     else:
         raise SystemExit(f"unknown command {sys.argv[1]}")

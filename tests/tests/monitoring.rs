@@ -112,7 +112,10 @@ fn celerys_own_tools_see_a_celeriac_worker_and_its_tasks() {
     assert_eq!(f["state"], "FAILURE", "{f}");
     assert_eq!(f["exception"], "ValueError('boom')");
     assert_eq!(seen["bad_error"][0], "ValueError");
-    assert_eq!(tasks[slow.as_str().unwrap()]["state"], "SUCCESS");
+    assert_eq!(tasks[slow.as_str().unwrap()]["state"], "REVOKED");
+    let revoked = events_of(&seen, "task-revoked");
+    assert_eq!(revoked.len(), 1);
+    assert_eq!((&revoked[0]["terminated"], &revoked[0]["expired"]), (&json!(true), &json!(false)));
     // Every event carries a clock that only goes forward.
     let clocks: Vec<u64> = seen["events"]
         .as_array()
@@ -157,7 +160,7 @@ fn celerys_own_tools_see_a_celeriac_worker_and_its_tasks() {
     assert_eq!(active.len(), 1, "{active:?}");
     assert_eq!(active[0]["id"], *slow);
     assert_eq!(active[0]["name"], "diagnostics.sleep");
-    assert_eq!(active[0]["args"], serde_json::json!([3000]));
+    assert_eq!(active[0]["args"], serde_json::json!([60000]));
     assert_eq!(inspect["reserved"], serde_json::json!([]));
     assert_eq!(inspect["scheduled"], serde_json::json!([]));
     assert!(inspect["revoked"].is_array());
@@ -317,4 +320,62 @@ async fn flower_lists_a_celeriac_worker_its_tasks_and_queues_and_revokes_through
     });
     eprintln!("Flower showed the worker offline {:?} after SIGTERM", stopped.elapsed());
     assert!(worker.wait().unwrap().success());
+}
+
+/// The control commands that change a running worker, sent by the real Celery client: each
+/// reply is Celery's, and each change takes effect.
+#[test]
+fn control_commands_change_the_running_worker() {
+    let redis = RedisServer::start();
+    let node = "celeriac@controlled";
+    let mut worker =
+        worker_command(&redis, &["-n", node, "-Q", "default", "-c", "1"]).spawn().unwrap();
+    let out = Command::new(venv_python())
+        .arg(repo_root().join("tests/interop/monitor.py"))
+        .args(["control", node])
+        .env("CELERY_BROKER_URL", redis.url(0))
+        .env("CELERY_RESULT_BACKEND", redis.url(1))
+        .output()
+        .expect("run monitor.py");
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let seen: Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    eprintln!("{seen:#}");
+
+    // rate_limit: 6 tasks at 2/s (a burst of 2, then one every half second) take 2 s; lifted,
+    // they run at once.
+    assert_eq!(seen["rate_unknown"]["error"], "unknown task");
+    assert_eq!(seen["rate_set"]["ok"], "new rate limit set successfully");
+    let limited = seen["rate_limited"]["seconds"].as_f64().unwrap();
+    assert!(limited >= 1.5, "6 tasks at 2/s took {limited} s");
+    assert_eq!(seen["rate_off"]["ok"], "rate limit disabled successfully");
+    let unlimited = seen["rate_unlimited"]["seconds"].as_f64().unwrap();
+    assert!(unlimited < limited, "lifted {unlimited} s, limited {limited} s");
+
+    // time_limit: a 5 s sleep is stopped at the new 0.5 s hard limit.
+    assert_eq!(seen["time_set"]["ok"], "time limits set successfully");
+    assert_eq!(seen["time_limited"]["states"], json!(["TimeLimitExceeded"]));
+    assert!(seen["time_limited"]["seconds"].as_f64().unwrap() < 4.0);
+    assert_eq!(seen["time_unknown"]["error"], "unknown task");
+
+    // pool_grow / pool_shrink / autoscale change the slots; three sleeps then run at once.
+    assert_eq!(seen["grow"]["ok"], "pool will grow to 3");
+    assert_eq!(seen["grown_active"], 3);
+    assert_eq!(seen["grown_stats"], 3);
+    assert_eq!(seen["shrink"]["ok"], "pool will shrink to 2");
+    assert_eq!(seen["autoscale"]["ok"], "autoscale now max=4 min=1");
+    assert_eq!(seen["autoscaled_stats"], 4);
+    assert_eq!(seen["shrink_more"][2]["ok"], "pool will shrink to 1");
+    assert!(seen["shrink_last"]["error"].is_string(), "{}", seen["shrink_last"]);
+
+    // add_consumer / cancel_consumer start and stop consuming a queue.
+    assert_eq!(seen["add"]["ok"], "add consumer extra");
+    assert_eq!(seen["add_again"]["ok"], "already consuming from extra");
+    assert_eq!(seen["queues_added"], json!(["default", "extra"]));
+    assert_eq!(seen["extra_run"]["states"], json!(["SUCCESS"]));
+    assert_eq!(seen["cancel"]["ok"], "no longer consuming from extra");
+    assert_eq!(seen["queues_cancelled"], json!(["default"]));
+    assert_eq!(seen["extra_waiting"], 1);
 }

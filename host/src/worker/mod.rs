@@ -180,6 +180,10 @@ pub struct Worker<B: Broker, R: ResultStore> {
     events: Option<Arc<CeleryEvents>>,
     /// Tasks taken per name since start (Celery's `stats.total`).
     totals: Arc<node::Totals>,
+    /// Free task slots.
+    slots: Arc<Semaphore>,
+    /// The settings remote control changes while the worker runs.
+    live: node::Live,
     /// Cancelled by the `shutdown` control command; set while the worker runs.
     shutdown: Mutex<Option<CancellationToken>>,
     started: Instant,
@@ -250,6 +254,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         if let Some(events) = &monitoring.events {
             subscribers.push(events.clone());
         }
+        let (live, slots) = (node::Live::new(&opts), Arc::new(Semaphore::new(opts.concurrency)));
         Arc::new(Worker {
             registry,
             broker,
@@ -264,6 +269,8 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             lifecycle: Lifecycle::new(subscribers),
             events: monitoring.events,
             totals,
+            slots,
+            live,
             shutdown: Mutex::new(None),
             started: Instant::now(),
             stats: Stats::default(),
@@ -308,7 +315,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             let (hostname, ttl) = (self.opts.hostname.clone(), self.opts.revoke_ttl);
             tokio::spawn(async move { broker.serve_control(hostname, ttl, node).await })
         };
-        let slots = Arc::new(Semaphore::new(self.opts.concurrency));
+        let slots = self.slots.clone();
         let tasks = TaskTracker::new();
         let fetchers: Vec<_> = (0..FETCHERS.min(self.opts.concurrency))
             .map(|_| {
@@ -392,7 +399,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             }
             let n = self.fetch_seq.fetch_add(1, Ordering::Relaxed);
             let prefix = format!("{}.{n}.", self.id);
-            let order = fetch_order(&self.opts.queues, &self.opts.weights);
+            let order = self.live.fetch_order();
             let deliveries = match self.broker.fetch(&order, permits.num_permits(), &prefix).await {
                 Ok(d) => {
                     redis_down = Duration::ZERO;
@@ -589,7 +596,8 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 .await;
             }
             self.emit(d, &msg, Stage::Started, None);
-            let limits = producer_limits(&entry.spec.limits, msg.time_limits);
+            let set = self.live.limits(&msg.task, &entry.spec.limits);
+            let limits = producer_limits(set.as_ref().unwrap_or(&entry.spec.limits), msg.time_limits);
             let invocation = Invocation {
                 id: msg.id.clone(),
                 task: msg.task.clone(),
@@ -1069,8 +1077,8 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             if admissions[*i].revoked || msg.expired(now) || msg.due_later(now).is_some() {
                 continue;
             }
-            let Some(rate) = self.registry.get(&msg.task).ok().and_then(|e| e.spec.rate_limit)
-            else {
+            let configured = self.registry.get(&msg.task).ok().and_then(|e| e.spec.rate_limit);
+            let Some(rate) = self.live.rate_limit(&msg.task, configured) else {
                 continue;
             };
             match limited.iter_mut().find(|(task, ..)| *task == msg.task) {

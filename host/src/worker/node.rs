@@ -4,13 +4,16 @@
 
 use super::{Worker, WorkerOptions};
 use crate::broker::{Broker, ResultStore};
+use crate::config::RateLimit;
 use crate::control::Node;
 use crate::events::Load;
 use crate::lifecycle::{Stage, Subscriber, TaskEvent};
+use crate::runtime::Limits;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
 
 /// Tasks taken per name since start: Celery's `stats.total`, which Flower shows per worker.
 #[derive(Default)]
@@ -50,23 +53,22 @@ impl<B: Broker, R: ResultStore> Node for Worker<B, R> {
     }
 
     fn stats(&self) -> Value {
-        let opts: &WorkerOptions = &self.opts;
         let total = self.totals.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let rusage = rusage();
         json!({
             "pid": std::process::id(),
             "clock": 0,
             "uptime": self.started.elapsed().as_secs(),
-            "prefetch_count": opts.concurrency,
+            "prefetch_count": self.live.concurrency(),
             "total": total,
             "broker": self.broker.describe(),
             "pool": {
                 "implementation": "celeriac:wasm",
-                "max-concurrency": opts.concurrency,
+                "max-concurrency": self.live.concurrency(),
                 // One entry per slot, as a prefork pool lists its processes: celery-exporter
                 // reads the concurrency as the length of this list. Every slot lives in this
                 // one process.
-                "processes": vec![std::process::id(); opts.concurrency],
+                "processes": vec![std::process::id(); self.live.concurrency()],
                 "max-tasks-per-child": null,
                 "put-guarded-by-semaphore": false,
                 "timeouts": [0, 0],
@@ -118,20 +120,31 @@ impl<B: Broker, R: ResultStore> Node for Worker<B, R> {
     }
 
     fn queues(&self) -> Vec<String> {
-        self.opts.queues.clone()
+        self.live.queues()
+    }
+
+    fn add_queue(&self, queue: &str) -> bool {
+        Worker::add_queue(self, queue)
+    }
+
+    fn cancel_queue(&self, queue: &str) -> bool {
+        Worker::cancel_queue(self, queue)
+    }
+
+    fn adjust(&self, method: &str, arguments: &Value) -> Option<Value> {
+        Worker::adjust(self, method, arguments)
     }
 
     fn conf(&self) -> Value {
         let o = &self.opts;
         json!({
-            "worker_concurrency": o.concurrency,
+            "worker_concurrency": self.live.concurrency(),
             "task_track_started": o.track_started,
-            "task_default_queue": o.queues.first(),
+            "task_default_queue": self.live.queues().first(),
             "worker_send_task_events": self.events.as_ref().map(|e| e.task_events_on()),
             "broker_url": self.broker.describe()["url"],
             "worker_hostname": o.hostname,
-            "celeriac_queues": o.queues,
-            "celeriac_queue_weights": o.weights,
+            "celeriac_queues": self.live.queues(),
             "celeriac_grace_seconds": o.grace.as_secs_f64(),
             "celeriac_revoke_ttl_seconds": o.revoke_ttl.as_secs_f64(),
         })
@@ -173,4 +186,215 @@ fn rusage() -> Value {
         "nvcsw": u.ru_nvcsw,
         "nivcsw": u.ru_nivcsw,
     })
+}
+
+/// The settings remote control may change while the worker runs: the queues it consumes, its
+/// slots, and per-task rate and time limits that replace the configured ones (Celery's
+/// `add_consumer`, `cancel_consumer`, `pool_grow`, `pool_shrink`, `autoscale`, `rate_limit` and
+/// `time_limit`). They live in this worker's memory, as in a Python worker: a restart goes back
+/// to the configuration.
+pub(super) struct Live {
+    /// Queues in fetch order, with their weights (empty: strict order).
+    queues: RwLock<(Vec<String>, Vec<u32>)>,
+    /// Slots now; the semaphore holds the free ones.
+    concurrency: AtomicUsize,
+    /// Per task: `Some(limit)` replaces the configured rate limit, `None` lifts it.
+    rate_limits: RwLock<HashMap<String, Option<RateLimit>>>,
+    /// Per task: hard and soft time limits replacing the configured ones.
+    time_limits: RwLock<HashMap<String, (Duration, Option<Duration>)>>,
+    /// Whether any time limit was replaced: while clear, tasks read no lock for it.
+    any_time_limit: AtomicBool,
+}
+
+impl Live {
+    pub(super) fn new(opts: &WorkerOptions) -> Live {
+        Live {
+            queues: RwLock::new((opts.queues.clone(), opts.weights.clone())),
+            concurrency: AtomicUsize::new(opts.concurrency),
+            rate_limits: RwLock::default(),
+            time_limits: RwLock::default(),
+            any_time_limit: AtomicBool::new(false),
+        }
+    }
+
+    /// The queue order for the next fetch.
+    pub(super) fn fetch_order(&self) -> Vec<String> {
+        let q = self.queues.read().unwrap_or_else(|p| p.into_inner());
+        super::fetch_order(&q.0, &q.1)
+    }
+
+    pub(super) fn queues(&self) -> Vec<String> {
+        self.queues.read().unwrap_or_else(|p| p.into_inner()).0.clone()
+    }
+
+    pub(super) fn concurrency(&self) -> usize {
+        self.concurrency.load(Ordering::Relaxed)
+    }
+
+    /// The rate limit `task` runs under: the one set by `rate_limit`, else the configured one.
+    pub(super) fn rate_limit(
+        &self,
+        task: &str,
+        configured: Option<RateLimit>,
+    ) -> Option<RateLimit> {
+        let set = self.rate_limits.read().unwrap_or_else(|p| p.into_inner());
+        if set.is_empty() {
+            return configured;
+        }
+        set.get(task).copied().unwrap_or(configured)
+    }
+
+    /// The limits `task` runs under: hard and soft time limits set by `time_limit` replace the
+    /// configured ones.
+    pub(super) fn limits(&self, task: &str, configured: &Limits) -> Option<Limits> {
+        if !self.any_time_limit.load(Ordering::Relaxed) {
+            return None;
+        }
+        let set = self.time_limits.read().unwrap_or_else(|p| p.into_inner());
+        let (hard, soft) = *set.get(task)?;
+        Some(Limits { hard_time_limit: hard, soft_time_limit: soft, ..configured.clone() })
+    }
+}
+
+/// A rate as Celery's `rate_limit` command gives it: `10/s`, `100/m`, `1000/h`, a bare number
+/// (per second), or `0` / empty / null to lift the limit.
+fn parse_rate(v: &Value) -> Result<Option<RateLimit>, String> {
+    let text = match v {
+        Value::Null => return Ok(None),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.trim().to_string(),
+        other => return Err(format!("invalid rate limit {other}")),
+    };
+    if text.is_empty() || text.parse::<f64>().is_ok_and(|n| n == 0.0) {
+        return Ok(None);
+    }
+    let text = if text.contains('/') { text } else { format!("{text}/s") };
+    let rate: RateLimit = text.parse()?;
+    Ok((rate.count > 0).then_some(rate))
+}
+
+/// Seconds given to `time_limit` (a number, or null for none).
+fn seconds(v: &Value) -> Result<Option<Duration>, String> {
+    match v {
+        Value::Null => Ok(None),
+        v => v
+            .as_f64()
+            .filter(|s| *s > 0.0)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .map(Some)
+            .ok_or_else(|| format!("invalid time limit {v}")),
+    }
+}
+
+impl<B: Broker, R: ResultStore> Worker<B, R> {
+    /// Changes the slots to `target` (at least one). Growing frees slots at once; shrinking
+    /// takes slots as running tasks free them, so no running task is stopped.
+    fn resize(&self, target: usize) -> usize {
+        let target = target.max(1);
+        let now = self.live.concurrency.swap(target, Ordering::Relaxed);
+        if target > now {
+            self.slots.add_permits(target - now);
+        } else if target < now {
+            let (slots, n) = (self.slots.clone(), (now - target) as u32);
+            tokio::spawn(async move {
+                if let Ok(taken) = slots.acquire_many_owned(n).await {
+                    taken.forget();
+                }
+            });
+        }
+        target
+    }
+
+    fn is_registered(&self, task: &str) -> bool {
+        self.registry.get(task).is_ok()
+    }
+}
+
+/// `{"ok": text}`.
+fn ok(text: impl Into<String>) -> Value {
+    json!({"ok": text.into()})
+}
+
+/// `{"error": text}`, Celery's `nok`.
+fn nok(text: impl Into<String>) -> Value {
+    json!({"error": text.into()})
+}
+
+impl<B: Broker, R: ResultStore> Worker<B, R> {
+    /// Carries out a control command that changes the running settings; `None` when `method`
+    /// is not one of them.
+    pub(super) fn adjust(&self, method: &str, args: &Value) -> Option<Value> {
+        let task = args["task_name"].as_str().unwrap_or("");
+        let n = |key: &str, default: u64| args[key].as_u64().unwrap_or(default) as usize;
+        Some(match method {
+            "rate_limit" if !self.is_registered(task) => nok("unknown task"),
+            "rate_limit" => match parse_rate(&args["rate_limit"]) {
+                Err(e) => nok(e),
+                Ok(rate) => {
+                    let mut set = self.live.rate_limits.write().unwrap_or_else(|p| p.into_inner());
+                    set.insert(task.to_string(), rate);
+                    match rate {
+                        Some(_) => ok("new rate limit set successfully"),
+                        None => ok("rate limit disabled successfully"),
+                    }
+                }
+            },
+            "time_limit" if !self.is_registered(task) => nok("unknown task"),
+            "time_limit" => match (seconds(&args["hard"]), seconds(&args["soft"])) {
+                (Err(e), _) | (_, Err(e)) => nok(e),
+                (Ok(hard), Ok(soft)) => {
+                    let configured = self.registry.get(task).map(|e| e.spec.limits.clone());
+                    let configured = configured.unwrap_or_default();
+                    let hard = hard.unwrap_or(configured.hard_time_limit);
+                    let soft = soft.filter(|s| *s < hard);
+                    let mut set = self.live.time_limits.write().unwrap_or_else(|p| p.into_inner());
+                    set.insert(task.to_string(), (hard, soft));
+                    self.live.any_time_limit.store(true, Ordering::Relaxed);
+                    ok("time limits set successfully")
+                }
+            },
+            "pool_grow" => ok(format!(
+                "pool will grow to {}",
+                self.resize(self.live.concurrency() + n("n", 1))
+            )),
+            "pool_shrink" if self.live.concurrency() <= 1 => {
+                nok("the pool has one slot and cannot shrink")
+            }
+            "pool_shrink" => {
+                let target = self.live.concurrency().saturating_sub(n("n", 1));
+                ok(format!("pool will shrink to {}", self.resize(target)))
+            }
+            // No autoscaler: the slots are set to the maximum asked for.
+            "autoscale" => {
+                let max = n("max", self.live.concurrency() as u64);
+                let slots = self.resize(max);
+                ok(format!("autoscale now max={slots} min={}", n("min", 0).min(slots)))
+            }
+            _ => return None,
+        })
+    }
+
+    /// Starts consuming `queue` (already declared); returns whether it is new.
+    pub(super) fn add_queue(&self, queue: &str) -> bool {
+        let mut q = self.live.queues.write().unwrap_or_else(|p| p.into_inner());
+        if q.0.iter().any(|n| n == queue) {
+            return false;
+        }
+        q.0.push(queue.to_string());
+        if !q.1.is_empty() {
+            q.1.push(1);
+        }
+        true
+    }
+
+    /// Stops consuming `queue`; returns whether it was consumed.
+    pub(super) fn cancel_queue(&self, queue: &str) -> bool {
+        let mut q = self.live.queues.write().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = q.0.iter().position(|n| n == queue) else { return false };
+        q.0.remove(i);
+        if i < q.1.len() {
+            q.1.remove(i);
+        }
+        true
+    }
 }
