@@ -165,6 +165,15 @@ pub struct WorkerArgs {
     /// `enable_events` or `celery control enable_events` turns task events on).
     #[arg(long)]
     pub no_task_events: bool,
+    /// Serve /healthz, /readyz and Prometheus /metrics on this address (e.g. 127.0.0.1:9808).
+    #[arg(long)]
+    pub http: Option<std::net::SocketAddr>,
+    /// The bearer token /metrics requires.
+    #[arg(long, env = "CELERIAC_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Serve --http without a token on an address that is not loopback.
+    #[arg(long)]
+    pub http_insecure: bool,
 }
 
 /// `celeriac enqueue ...`
@@ -422,8 +431,30 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
     };
     let events = crate::events::CeleryEvents::new(&options.hostname);
     events.set_task_events(!args.no_task_events);
-    let monitoring = Monitoring { events: Some(events), ..Monitoring::default() };
+    let task_names: Vec<String> = registry.tasks().map(|e| e.info.name.clone()).collect();
+    let metrics = Arc::new(crate::metrics::Metrics::new(&options.hostname, task_names)?);
+    let monitoring = Monitoring { events: Some(events), subscribers: vec![metrics.clone()] };
+    let http_broker = broker.clone();
     let w = Worker::monitored(registry, broker, results, kv, options, monitoring);
+    let stop_http = CancellationToken::new();
+    let http = match args.http {
+        Some(addr) => {
+            let opts = crate::api::HttpOptions {
+                addr,
+                token: args.api_token.filter(|t| !t.is_empty()),
+                insecure: args.http_insecure,
+            };
+            let node = w.clone();
+            let view: crate::api::WorkerView =
+                Arc::new(move || (node.load().active, crate::control::Node::queues(&*node)));
+            let server =
+                crate::api::bind(&opts, metrics.clone(), http_broker, view, stop_http.clone())
+                    .await?;
+            metrics.set_up(true);
+            Some(tokio::spawn(server))
+        }
+        None => None,
+    };
     let (shutdown, force) = (CancellationToken::new(), CancellationToken::new());
     let (signal, forced) = (shutdown.clone(), force.clone());
     // The first SIGTERM or SIGINT stops fetching and lets running tasks finish within --grace;
@@ -442,7 +473,12 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
             token.cancel();
         }
     });
-    w.clone().run_until(shutdown, force).await?;
+    let ran = w.clone().run_until(shutdown, force).await;
+    stop_http.cancel();
+    if let Some(http) = http {
+        let _ = http.await;
+    }
+    ran?;
     eprintln!("stopped: {}", w.stats);
     Ok(0)
 }

@@ -14,6 +14,8 @@
 //! - [`lifecycle`]: the one stream of task events the worker emits, and its subscriber trait.
 //! - [`events`]: Celery events (worker heartbeats, task events) for Flower and `celery events`.
 //! - [`repr`]: Python's `repr` of JSON values, for the text Celery shows.
+//! - [`metrics`]: Prometheus metrics, a lifecycle subscriber plus gauges read at scrape time.
+//! - [`api`]: the worker's HTTP server (`--http`): probes and `/metrics`.
 //! - [`protocol`]: Celery's wire format (kombu envelope, protocol-v2 messages, result meta).
 //! - [`broker`]: kombu's Redis layout: fetch, ack, leases, restore, scheduling, revocation.
 //! - [`results`]: the Celery result backend on Redis.
@@ -24,6 +26,7 @@
 //! - [`cli`]: the `celeriac` command line.
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod broker;
 pub mod cli;
 pub mod client;
@@ -33,6 +36,7 @@ pub mod demo;
 pub mod events;
 pub mod kv;
 pub mod lifecycle;
+pub mod metrics;
 pub mod protocol;
 pub mod registry;
 pub mod repr;

@@ -1,7 +1,8 @@
 //! The one stream of what happens to a task. The worker emits a [`TaskEvent`] at each step of a
 //! task's life (received, started, succeeded, failed, retried, revoked, rejected); each consumer
-//! (the per-task log line here, Celery events for Flower in [`crate::events`], and the worker's
-//! own per-name totals) is a [`Subscriber`] in its own module. The worker does not call any of
+//! (the per-task log line here, Celery events for Flower in [`crate::events`], Prometheus
+//! metrics in [`crate::metrics`], and the worker's own per-name totals) is a [`Subscriber`] in
+//! its own module. The worker does not call any of
 //! them by name.
 //!
 //! The stream is a synchronous fan-out, not a broadcast channel, on purpose:

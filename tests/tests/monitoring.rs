@@ -379,3 +379,133 @@ fn control_commands_change_the_running_worker() {
     assert_eq!(seen["queues_cancelled"], json!(["default"]));
     assert_eq!(seen["extra_waiting"], 1);
 }
+
+/// Parses Prometheus' text format with the reference parser (`prometheus_client`, in the venv
+/// with Flower) into (name, labels, value) samples.
+fn parse_metrics(text: &str) -> Vec<(String, Value, f64)> {
+    use std::io::Write as _;
+    let mut parser = Command::new(venv_python())
+        .args([
+            "-c",
+            "import sys, json\n\
+             from prometheus_client.parser import text_string_to_metric_families as parse\n\
+             print(json.dumps([[s.name, s.labels, s.value] for f in parse(sys.stdin.read()) \
+             for s in f.samples]))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    parser.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = parser.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}\n{text}", String::from_utf8_lossy(&out.stderr));
+    let samples: Vec<(String, Value, f64)> = serde_json::from_slice(&out.stdout).unwrap();
+    samples
+}
+
+/// The value of sample `name` whose labels include `labels`.
+fn sample(samples: &[(String, Value, f64)], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l[*k] == *v))
+        .map(|(_, _, v)| *v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_workers_metrics_with_its_token() {
+    let redis = RedisServer::start();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut worker = worker_command(&redis, &["-Q", "default", "-c", "1", "--http", &addr])
+        .env("CELERIAC_API_TOKEN", "s3cret")
+        .spawn()
+        .unwrap();
+    let (b, r) = (broker(&redis, Duration::from_secs(30)).await, results(&redis).await);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(http(port, "GET", "/healthz", None), Ok((200, _))) {
+        assert!(Instant::now() < deadline, "the HTTP server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(http(port, "GET", "/readyz", None).unwrap().0, 200);
+
+    let ok = enqueue(&b, "diagnostics.noop", json!([1]), "default").await;
+    let bad = enqueue(&b, "diagnostics.fail", json!(["no"]), "default").await;
+    let stranger = enqueue(&b, "made.up.name", json!([]), "default").await;
+    for id in [&ok, &bad, &stranger] {
+        client::wait(&r, id, Duration::from_secs(30)).await.unwrap();
+    }
+    // One task running and two waiting, at two priorities.
+    let slow = enqueue(&b, "diagnostics.sleep", json!([60_000]), "default").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client::status(&r, &slow).await.unwrap().0 != "STARTED" {
+        assert!(Instant::now() < deadline, "the slow task did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for priority in [0, 9] {
+        let opts = NewTask { priority: Some(priority), ..NewTask::default() };
+        client::enqueue(&b, "diagnostics.noop", &json!([2]), &json!({}), "default", &opts)
+            .await
+            .unwrap();
+    }
+
+    let scrape = |auth: Option<&str>| {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        use std::io::{Read as _, Write as _};
+        let auth = auth.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (head.split_whitespace().nth(1).unwrap().parse::<u16>().unwrap(), body.to_string())
+    };
+    assert_eq!(scrape(None).0, 401);
+    assert_eq!(scrape(Some("wrong")).0, 403);
+    let (status, text) = scrape(Some("s3cret"));
+    assert_eq!(status, 200, "{text}");
+    let samples = parse_metrics(&text);
+    let got = |name: &str, labels: &[(&str, &str)]| {
+        sample(&samples, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?}:\n{text}"))
+    };
+    let noop = [("name", "diagnostics.noop"), ("queue_name", "default")];
+    assert_eq!(got("celeriac_task_received_total", &noop), 1.0);
+    assert_eq!(got("celeriac_task_started_total", &noop), 1.0);
+    assert_eq!(got("celeriac_task_succeeded_total", &noop), 1.0);
+    assert_eq!(got("celeriac_task_runtime_seconds_count", &noop), 1.0);
+    let host = celeriac::protocol::hostname();
+    assert_eq!(got("celeriac_task_succeeded_total", &[("hostname", host.as_str())]), 1.0);
+    let failed = [("name", "diagnostics.fail"), ("exception", "ValueError")];
+    assert_eq!(got("celeriac_task_failed_total", &failed), 1.0);
+    // A name no task serves does not become a series of its own.
+    let unregistered = [("name", "unregistered"), ("exception", "NotRegistered")];
+    assert_eq!(got("celeriac_task_failed_total", &unregistered), 1.0);
+    assert!(!text.contains("made.up.name"), "{text}");
+    assert_eq!(got("celeriac_worker_up", &[]), 1.0);
+    assert_eq!(got("celeriac_worker_tasks_active", &[]), 1.0);
+    assert_eq!(got("celeriac_queue_length", &[("queue_name", "default")]), 2.0);
+    assert_eq!(got("celeriac_dlq_length", &[("queue_name", "default")]), 2.0);
+    assert!(got("celeriac_task_memory_peak_bytes_count", &[("name", "diagnostics.noop")]) >= 1.0);
+
+    // Redis gone: not ready, still alive.
+    let mut redis = redis;
+    redis.kill();
+    assert_eq!(http(port, "GET", "/readyz", None).unwrap().0, 503);
+    assert_eq!(http(port, "GET", "/healthz", None).unwrap().0, 200);
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
+
+/// Without a token the HTTP server refuses an address other machines can reach.
+#[test]
+fn the_http_server_will_not_serve_a_network_without_a_token() {
+    let redis = RedisServer::start();
+    let out = worker_command(&redis, &["--http", "0.0.0.0:0"])
+        .env_remove("CELERIAC_API_TOKEN")
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refusing to serve without a token"), "{stderr}");
+}

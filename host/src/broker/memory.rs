@@ -293,6 +293,10 @@ impl Broker for MemoryBroker {
         Ok(self.lock().scheduled.len() as u64)
     }
 
+    async fn dlq_len(&self, queue: &str) -> BrokerResult<u64> {
+        Ok(self.lock().dlq.get(queue).map_or(0, |l| l.len() as u64))
+    }
+
     async fn dlq_queues(&self) -> BrokerResult<Vec<String>> {
         let mut q: Vec<String> =
             self.lock().dlq.iter().filter(|(_, l)| !l.is_empty()).map(|(q, _)| q.clone()).collect();

@@ -236,6 +236,9 @@ pub trait Broker: Clone + Send + Sync + 'static {
     /// Messages waiting in the scheduled set.
     fn scheduled_len(&self) -> impl Future<Output = BrokerResult<u64>> + Send;
 
+    /// Dead letters of `queue`.
+    fn dlq_len(&self, queue: &str) -> impl Future<Output = BrokerResult<u64>> + Send;
+
     /// Queues that have dead letters.
     fn dlq_queues(&self) -> impl Future<Output = BrokerResult<Vec<String>>> + Send;
 

@@ -836,6 +836,10 @@ impl Broker for RedisBroker {
         Ok(self.conn.clone().zcard(self.own("scheduled")).await?)
     }
 
+    async fn dlq_len(&self, queue: &str) -> BrokerResult<u64> {
+        Ok(self.conn.clone().llen(self.dlq_key(queue)).await?)
+    }
+
     async fn dlq_queues(&self) -> BrokerResult<Vec<String>> {
         let prefix = self.dlq_key("");
         let mut conn = self.conn.clone();

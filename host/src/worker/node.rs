@@ -34,8 +34,8 @@ impl Subscriber for Totals {
 }
 
 impl<B: Broker, R: ResultStore> Worker<B, R> {
-    /// How busy the worker is, for heartbeats.
-    pub(super) fn load(&self) -> Load {
+    /// How busy the worker is, for heartbeats and metrics.
+    pub fn load(&self) -> Load {
         Load { active: self.running().len(), processed: self.stats.fetched.load(Ordering::Relaxed) }
     }
 }

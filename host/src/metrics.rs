@@ -1,0 +1,207 @@
+//! Prometheus metrics: a subscriber to the lifecycle stream for what happens to tasks, and
+//! gauges read at scrape time for what sits in Redis (queue and dead-letter lengths) and what the
+//! worker holds (active tasks).
+//!
+//! Names follow celery-exporter's with the prefix `celeriac_` instead of `celery_`, so its
+//! dashboards carry over: `celeriac_task_{received,started,succeeded,failed,retried,revoked,
+//! rejected}_total{name,hostname,queue_name}` (`failed` adds `exception`),
+//! `celeriac_task_runtime_seconds`, `celeriac_worker_up`, `celeriac_worker_tasks_active` and
+//! `celeriac_queue_length{queue_name}`. Unlike celery-exporter, a queue's length counts all of
+//! its priority lists. The sandbox adds `celeriac_task_memory_peak_bytes`,
+//! `celeriac_task_fuel_consumed_total` and `celeriac_task_limits_hit_total{name,kind}`, and
+//! `celeriac_dlq_length{queue_name}` counts dead letters.
+//!
+//! Labels stay bounded: `hostname` is the part of the node name after `@`, as celery-exporter
+//! has it; `name` is a task this worker registered, or `unregistered` (a producer cannot add a
+//! series per made-up name); never an id or args.
+
+use crate::lifecycle::{Stage, Subscriber, TaskEvent};
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+use std::collections::HashSet;
+
+/// The stages counted by name, hostname and queue alone.
+const STAGES: [&str; 6] = ["received", "started", "succeeded", "retried", "revoked", "rejected"];
+
+/// The label for a task name this worker does not serve.
+const UNREGISTERED: &str = "unregistered";
+
+/// The worker's metrics.
+pub struct Metrics {
+    registry: Registry,
+    hostname: String,
+    /// The task names that get their own series.
+    known: HashSet<String>,
+    /// `celeriac_task_<stage>_total` for each stage but `failed`, in `STAGES` order.
+    stages: Vec<IntCounterVec>,
+    failed: IntCounterVec,
+    runtime: HistogramVec,
+    memory_peak: HistogramVec,
+    fuel: IntCounterVec,
+    limits_hit: IntCounterVec,
+    worker_up: IntGaugeVec,
+    active: IntGaugeVec,
+    queue_length: IntGaugeVec,
+    dlq_length: IntGaugeVec,
+}
+
+/// What the scrape reads from Redis and the worker.
+#[derive(Debug, Default)]
+pub struct Sample {
+    /// Tasks running now.
+    pub active: usize,
+    /// Per consumed queue: messages waiting (all priorities) and dead letters.
+    pub queues: Vec<(String, u64, u64)>,
+}
+
+impl Metrics {
+    /// Metrics for node `node` (`celeriac@host`), with a series per name in `tasks`.
+    pub fn new(node: &str, tasks: impl IntoIterator<Item = String>) -> anyhow::Result<Metrics> {
+        let registry = Registry::new_custom(Some("celeriac".into()), None)?;
+        let labels = ["name", "hostname", "queue_name"];
+        let mut stages = Vec::new();
+        for stage in STAGES {
+            let family = IntCounterVec::new(
+                Opts::new(format!("task_{stage}_total"), format!("Tasks {stage}")),
+                &labels,
+            )?;
+            registry.register(Box::new(family.clone()))?;
+            stages.push(family);
+        }
+        let failed = IntCounterVec::new(
+            Opts::new("task_failed_total", "Tasks that failed for good, by exception type"),
+            &["name", "hostname", "exception", "queue_name"],
+        )?;
+        let runtime = HistogramVec::new(
+            HistogramOpts::new(
+                "task_runtime_seconds",
+                "Time from instantiation to the end of a run",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0, 300.0,
+            ]),
+            &labels,
+        )?;
+        let memory_peak = HistogramVec::new(
+            HistogramOpts::new("task_memory_peak_bytes", "Largest linear memory a run asked for")
+                .buckets(prometheus::exponential_buckets(65536.0, 4.0, 9)?),
+            &["name"],
+        )?;
+        let fuel = IntCounterVec::new(
+            Opts::new("task_fuel_consumed_total", "Fuel consumed by runs with a fuel budget"),
+            &["name"],
+        )?;
+        let limits_hit = IntCounterVec::new(
+            Opts::new(
+                "task_limits_hit_total",
+                "Runs stopped by the sandbox: time limits, fuel, memory, traps, host errors",
+            ),
+            &["name", "kind"],
+        )?;
+        let worker_up =
+            IntGaugeVec::new(Opts::new("worker_up", "1 while the worker runs"), &["hostname"])?;
+        let active =
+            IntGaugeVec::new(Opts::new("worker_tasks_active", "Tasks running now"), &["hostname"])?;
+        let queue_length = IntGaugeVec::new(
+            Opts::new("queue_length", "Messages waiting in a consumed queue, all priorities"),
+            &["queue_name"],
+        )?;
+        let dlq_length = IntGaugeVec::new(
+            Opts::new("dlq_length", "Dead letters of a consumed queue"),
+            &["queue_name"],
+        )?;
+        for c in [&failed, &fuel, &limits_hit] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(runtime.clone()))?;
+        registry.register(Box::new(memory_peak.clone()))?;
+        for g in [&worker_up, &active, &queue_length, &dlq_length] {
+            registry.register(Box::new(g.clone()))?;
+        }
+        Ok(Metrics {
+            registry,
+            hostname: node.split_once('@').map_or(node, |(_, host)| host).to_string(),
+            known: tasks.into_iter().collect(),
+            stages,
+            failed,
+            runtime,
+            memory_peak,
+            fuel,
+            limits_hit,
+            worker_up,
+            active,
+            queue_length,
+            dlq_length,
+        })
+    }
+
+    /// Marks the worker up or down.
+    pub fn set_up(&self, up: bool) {
+        self.worker_up.with_label_values(&[&self.hostname]).set(i64::from(up));
+    }
+
+    /// The text exposition format, with the gauges read now from `sample`.
+    pub fn render(&self, sample: &Sample) -> String {
+        self.active.with_label_values(&[&self.hostname]).set(sample.active as i64);
+        for (queue, waiting, dead) in &sample.queues {
+            self.queue_length.with_label_values(&[queue]).set(*waiting as i64);
+            self.dlq_length.with_label_values(&[queue]).set(*dead as i64);
+        }
+        let families = self.registry.gather();
+        let mut out = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&families, &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    fn name<'a>(&self, task: &'a str) -> &'a str {
+        if self.known.contains(task) { task } else { UNREGISTERED }
+    }
+}
+
+impl Subscriber for Metrics {
+    fn on_task(&self, e: &TaskEvent<'_>) {
+        let name = e.task.map_or(UNREGISTERED, |t| self.name(&t.task));
+        let labels = [name, self.hostname.as_str(), e.queue];
+        match e.stage {
+            Stage::Failed { error } => {
+                self.failed
+                    .with_label_values(&[
+                        name,
+                        &self.hostname,
+                        self.name_of_exception(error.exc_type),
+                        e.queue,
+                    ])
+                    .inc();
+            }
+            stage => {
+                if let Some(i) = STAGES.iter().position(|s| *s == stage.name()) {
+                    self.stages[i].with_label_values(&labels).inc();
+                }
+            }
+        }
+        if let Some(report) = e.report {
+            self.runtime.with_label_values(&labels).observe(report.wall.as_secs_f64());
+            self.memory_peak.with_label_values(&[name]).observe(report.peak_memory as f64);
+            if let Some(fuel) = report.fuel_used {
+                self.fuel.with_label_values(&[name]).inc_by(fuel);
+            }
+            let kind = report.outcome.kind();
+            if !matches!(kind, "success" | "retry" | "failure") {
+                self.limits_hit.with_label_values(&[name, kind]).inc();
+            }
+        }
+    }
+}
+
+impl Metrics {
+    /// An exception type as a label: the task's own type names are bounded by its code, but a
+    /// name that is not a plain identifier is not passed through.
+    fn name_of_exception<'a>(&self, exc_type: &'a str) -> &'a str {
+        let plain = !exc_type.is_empty()
+            && exc_type.len() <= 64
+            && exc_type.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        if plain { exc_type } else { "other" }
+    }
+}
