@@ -14,6 +14,10 @@
 //! Labels stay bounded: `hostname` is the part of the node name after `@`, as celery-exporter
 //! has it; `name` is a task this worker registered, or `unregistered` (a producer cannot add a
 //! series per made-up name); never an id or args.
+//!
+//! The `prometheus` crate is used without its default `protobuf` feature (0.14 cleared the
+//! protobuf advisory RUSTSEC-2024-0437, and the text format needs no protobuf at all). Its
+//! maintenance is slow; `prometheus-client` is the fallback, and only this module would change.
 
 use crate::lifecycle::{Stage, Subscriber, TaskEvent};
 use prometheus::{

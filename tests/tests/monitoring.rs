@@ -14,6 +14,17 @@ use std::io::{BufRead as _, BufReader, Read as _};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// `tests/interop/monitor.py args` on `redis`.
+fn monitor_py(redis: &RedisServer, args: &[&str]) -> Command {
+    let mut command = Command::new(venv_python());
+    command
+        .arg(repo_root().join("tests/interop/monitor.py"))
+        .args(args)
+        .env("CELERY_BROKER_URL", redis.url(0))
+        .env("CELERY_RESULT_BACKEND", redis.url(1));
+    command
+}
+
 /// Runs `monitor.py watch NODE`, starting worker `NODE` once the script listens, and returns
 /// what the script saw and how the worker exited.
 fn watch(
@@ -21,11 +32,7 @@ fn watch(
     node: &str,
     worker_args: &[&str],
 ) -> (Value, std::process::ExitStatus) {
-    let mut script = Command::new(venv_python())
-        .arg(repo_root().join("tests/interop/monitor.py"))
-        .args(["watch", node])
-        .env("CELERY_BROKER_URL", redis.url(0))
-        .env("CELERY_RESULT_BACKEND", redis.url(1))
+    let mut script = monitor_py(redis, &["watch", node])
         .env("TZ", "Europe/Berlin")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -330,13 +337,7 @@ fn control_commands_change_the_running_worker() {
     let node = "celeriac@controlled";
     let mut worker =
         worker_command(&redis, &["-n", node, "-Q", "default", "-c", "1"]).spawn().unwrap();
-    let out = Command::new(venv_python())
-        .arg(repo_root().join("tests/interop/monitor.py"))
-        .args(["control", node])
-        .env("CELERY_BROKER_URL", redis.url(0))
-        .env("CELERY_RESULT_BACKEND", redis.url(1))
-        .output()
-        .expect("run monitor.py");
+    let out = monitor_py(&redis, &["control", node]).output().expect("run monitor.py");
     let _ = worker.kill();
     let _ = worker.wait();
     let stdout = String::from_utf8_lossy(&out.stdout);
