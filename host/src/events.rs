@@ -55,7 +55,8 @@ pub struct CeleryEvents {
     clock: AtomicU64,
     /// Hours west of UTC, times 3600 (seconds), refreshed at every heartbeat so it follows DST.
     utcoffset_secs: AtomicI64,
-    buffer: Mutex<Vec<String>>,
+    /// Task events waiting to be sent, with their clocks.
+    buffer: Mutex<Vec<(u64, String)>>,
     flush_now: Notify,
     beat_now: Notify,
 }
@@ -139,11 +140,22 @@ impl CeleryEvents {
 
     /// Sends the buffered task events as one `task.multi` list.
     async fn flush<B: Broker>(&self, broker: &B, failing: &mut bool) {
-        let events = std::mem::take(&mut *self.buffer.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut events =
+            std::mem::take(&mut *self.buffer.lock().unwrap_or_else(|p| p.into_inner()));
         if events.is_empty() {
             return;
         }
-        let body = format!("[{}]", events.join(","));
+        events.sort_unstable_by_key(|(clock, _)| *clock);
+        let mut body =
+            String::with_capacity(events.iter().map(|(_, e)| e.len() + 1).sum::<usize>() + 2);
+        body.push('[');
+        for (i, (_, event)) in events.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(event);
+        }
+        body.push(']');
         self.send(broker, "task.multi", &body, failing).await;
     }
 
@@ -189,56 +201,105 @@ impl CeleryEvents {
         Value::Object(m).to_string()
     }
 
-    /// The Celery event for one lifecycle step, or `None` for a step Celery has no event for.
-    fn task_event(&self, e: &TaskEvent<'_>) -> Option<Map<String, Value>> {
+    /// The Celery event for one lifecycle step, as JSON, or `None` for a step Celery has no
+    /// event for. Built straight from borrowed fields: this runs on the task's path.
+    fn task_event(&self, e: &TaskEvent<'_>, clock: u64) -> Option<String> {
         let task = e.task?;
-        let mut fields = Map::new();
-        fields.insert("uuid".into(), Value::String(task.id.clone()));
+        let kind = match e.stage {
+            Stage::Received => "task-received",
+            Stage::Started => "task-started",
+            Stage::Succeeded { .. } => "task-succeeded",
+            Stage::Failed { .. } => "task-failed",
+            Stage::Retried { .. } => "task-retried",
+            Stage::Revoked { .. } => "task-revoked",
+            // Celery's `task-rejected` names a task; a message that is not one has no id.
+            Stage::Rejected { .. } => return None,
+        };
+        let mut event = TaskEventJson {
+            hostname: &self.hostname,
+            utcoffset: self.utcoffset_secs.load(Ordering::Relaxed) as f64 / 3600.0,
+            pid: self.pid,
+            clock,
+            timestamp: crate::broker::now_secs(),
+            kind,
+            uuid: &task.id,
+            ..TaskEventJson::default()
+        };
+        let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(crate::protocol::format_time);
         match e.stage {
             Stage::Received => {
                 let args = serde_json::from_str(&task.args).unwrap_or(Value::Null);
                 let kwargs = serde_json::from_str(&task.kwargs).unwrap_or(Value::Null);
-                let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
-                    t.map_or(Value::Null, |t| Value::String(crate::protocol::format_time(t)))
-                };
-                fields.insert("name".into(), json!(task.task));
-                fields.insert(
-                    "args".into(),
-                    json!(repr::truncate(repr::args_repr(&args), repr::MAX_REPR)),
-                );
-                fields.insert(
-                    "kwargs".into(),
-                    json!(repr::truncate(repr::repr(&kwargs), repr::MAX_REPR)),
-                );
-                fields.insert("root_id".into(), json!(task.root_id.as_ref().unwrap_or(&task.id)));
-                fields.insert("parent_id".into(), json!(task.parent_id));
-                fields.insert("retries".into(), json!(task.retries));
-                fields.insert("eta".into(), time(task.eta));
-                fields.insert("expires".into(), time(task.expires));
+                event.name = Some(&task.task);
+                event.args = Some(repr::truncate(repr::args_repr(&args), repr::MAX_REPR));
+                event.kwargs = Some(repr::truncate(repr::repr(&kwargs), repr::MAX_REPR));
+                event.root_id = Some(task.root_id.as_deref().unwrap_or(&task.id));
+                event.parent_id = Some(task.parent_id.as_deref());
+                event.retries = Some(task.retries);
+                event.eta = Some(time(task.eta));
+                event.expires = Some(time(task.expires));
             }
-            Stage::Started => {}
             Stage::Succeeded { result } => {
-                let shown = repr::truncate(repr::repr_of_json(result), repr::MAX_REPR);
-                fields.insert("result".into(), Value::String(shown));
-                let runtime = e.report.map_or(0.0, |r| r.wall.as_secs_f64());
-                fields.insert("runtime".into(), json!(runtime));
+                event.result = Some(repr::truncate(repr::repr_of_json(result), repr::MAX_REPR));
+                event.runtime = Some(e.report.map_or(0.0, |r| r.wall.as_secs_f64()));
             }
             Stage::Failed { error } | Stage::Retried { error } => {
                 let exception = repr::exception_repr(error.exc_type, error.message);
-                fields.insert("exception".into(), json!(repr::truncate(exception, repr::MAX_REPR)));
-                fields.insert("traceback".into(), json!(error.traceback));
+                event.exception = Some(repr::truncate(exception, repr::MAX_REPR));
+                event.traceback = Some(error.traceback);
             }
             Stage::Revoked { why } => {
-                fields.insert("terminated".into(), json!(why == Revoked::Terminated));
-                let signum = (why == Revoked::Terminated).then_some(15);
-                fields.insert("signum".into(), json!(signum));
-                fields.insert("expired".into(), json!(why == Revoked::Expired));
+                event.terminated = Some(why == Revoked::Terminated);
+                event.signum = Some((why == Revoked::Terminated).then_some(15));
+                event.expired = Some(why == Revoked::Expired);
             }
-            // Celery's `task-rejected` names a task; a message that is not one has no id.
-            Stage::Rejected { .. } => return None,
+            Stage::Started | Stage::Rejected { .. } => {}
         }
-        Some(fields)
+        serde_json::to_string(&event).ok()
     }
+}
+
+/// A task event's fields; the ones a type does not carry are left out.
+#[derive(serde::Serialize, Default)]
+struct TaskEventJson<'a> {
+    hostname: &'a str,
+    utcoffset: f64,
+    pid: u32,
+    clock: u64,
+    timestamp: f64,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    uuid: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    args: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kwargs: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    root_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_id: Option<Option<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retries: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eta: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    runtime: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exception: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceback: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    terminated: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signum: Option<Option<u8>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expired: Option<bool>,
 }
 
 impl Subscriber for CeleryEvents {
@@ -246,17 +307,16 @@ impl Subscriber for CeleryEvents {
         if !self.task_events.load(Ordering::Relaxed) || !self.listening.load(Ordering::Relaxed) {
             return;
         }
-        let Some(fields) = self.task_event(e) else { return };
-        let kind = format!("task-{}", e.stage.name());
+        // Built outside the lock; the flush puts the batch back in clock order.
+        let clock = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+        let Some(event) = self.task_event(e, clock) else { return };
         let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
-        // Built under the lock, so the buffer is in clock order.
-        let mut event = self.common(&kind);
-        event.extend(fields);
         if buffer.len() >= MAX_BUFFERED {
-            buffer.remove(0);
+            // Redis is not taking them: drop this one (events are at most once).
+            return;
         }
-        buffer.push(Value::Object(event).to_string());
-        if buffer.len() >= FLUSH_AT {
+        buffer.push((clock, event));
+        if buffer.len() == FLUSH_AT {
             self.flush_now.notify_one();
         }
     }
