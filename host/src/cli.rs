@@ -12,6 +12,7 @@ use crate::units::{ByteSize, HumanDuration};
 use crate::worker::{Monitoring, Worker, WorkerOptions};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,6 +75,19 @@ pub enum Command {
         #[arg(long, default_value = "3h")]
         ttl: HumanDuration,
     },
+    /// Ask the running workers (celeriac and Python) over Celery's remote control, as
+    /// `celery inspect` does; prints `{node: reply}` as JSON.
+    Inspect {
+        /// What to ask: active, reserved, scheduled, registered, stats, queues, revoked, conf
+        /// or ping.
+        what: InspectWhat,
+        /// Only these workers (node names such as celeriac@host); repeat or comma-separate.
+        #[arg(short, long, value_delimiter = ',')]
+        destination: Vec<String>,
+        /// How long to wait for replies.
+        #[arg(long, default_value = "1s")]
+        timeout: HumanDuration,
+    },
     /// Inspect, replay or purge dead letters.
     Dlq {
         /// The dlq subcommand.
@@ -129,6 +143,46 @@ pub enum DlqCommand {
         /// Queue.
         queue: String,
     },
+}
+
+/// What `celeriac inspect` asks.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum InspectWhat {
+    /// Running tasks.
+    Active,
+    /// Tasks taken but not started.
+    Reserved,
+    /// Tasks held for their ETA.
+    Scheduled,
+    /// Task names.
+    Registered,
+    /// Counters, pool, broker.
+    Stats,
+    /// Queues consumed.
+    Queues,
+    /// Revoked ids.
+    Revoked,
+    /// Settings.
+    Conf,
+    /// Whether each worker answers.
+    Ping,
+}
+
+impl InspectWhat {
+    /// The pidbox method and its arguments, as Celery's `inspect` sends them.
+    fn request(self) -> (&'static str, Value) {
+        match self {
+            InspectWhat::Active => ("active", json!({"safe": true})),
+            InspectWhat::Reserved => ("reserved", json!({})),
+            InspectWhat::Scheduled => ("scheduled", json!({})),
+            InspectWhat::Registered => ("registered", json!({"taskinfoitems": []})),
+            InspectWhat::Stats => ("stats", json!({})),
+            InspectWhat::Queues => ("active_queues", json!({})),
+            InspectWhat::Revoked => ("revoked", json!({})),
+            InspectWhat::Conf => ("conf", json!({"with_defaults": false})),
+            InspectWhat::Ping => ("ping", json!({})),
+        }
+    }
 }
 
 /// `celeriac worker ...`
@@ -307,6 +361,20 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
                 ids.len(),
                 if terminate { ", terminating running ones" } else { "" }
             );
+            Ok(0)
+        }
+        Command::Inspect { what, destination, timeout } => {
+            let config = Config::load(cli.config.as_deref(), &overrides)?;
+            redis_only(&config.broker)?;
+            let broker = RedisBroker::connect(&config.broker, broker_options(&prefix)).await?;
+            let (method, arguments) = what.request();
+            let only = (!destination.is_empty()).then_some(destination.as_slice());
+            let replies = crate::control::ask(&broker, method, arguments, only, timeout.0).await?;
+            println!("{}", serde_json::to_string_pretty(&replies)?);
+            if replies.is_empty() {
+                eprintln!("no worker replied within {timeout}");
+                return Ok(1);
+            }
             Ok(0)
         }
         Command::Dlq { command } => {

@@ -133,6 +133,67 @@ pub async fn broadcast_revoke(
     Ok(())
 }
 
+/// Asks workers over the pidbox as `celery inspect` does, celeriac and Python workers alike:
+/// publishes `method` with a reply queue of its own and collects `{node: reply}` answers for
+/// `timeout`, or until every node in `destination` has answered. Returns them by node name.
+pub async fn ask(
+    broker: &RedisBroker,
+    method: &str,
+    arguments: Value,
+    destination: Option<&[String]>,
+    timeout: Duration,
+) -> anyhow::Result<std::collections::BTreeMap<String, Value>> {
+    let oid = uuid::Uuid::new_v4().to_string();
+    let ticket = uuid::Uuid::new_v4().to_string();
+    let queue = format!("{oid}.reply.celery.pidbox");
+    let sep = crate::broker::PRIORITY_SEP;
+    let binding = format!("{oid}{sep}{sep}{queue}");
+    let bindings = broker.key("_kombu.binding.reply.celery.pidbox");
+    let mut conn = broker.conn();
+    let _: () = redis::AsyncCommands::sadd(&mut conn, &bindings, &binding).await?;
+    let body = json!({
+        "method": method,
+        "arguments": arguments,
+        "destination": destination,
+        "pattern": null,
+        "matcher": null,
+        "ticket": ticket,
+        "reply_to": {"exchange": "reply.celery.pidbox", "routing_key": oid},
+    });
+    let expires = crate::broker::now_secs() + timeout.as_secs_f64();
+    let headers = json!({"clock": 1, "expires": expires});
+    let envelope = kombu_envelope(&body.to_string(), headers, 2, "celery.pidbox", "");
+    let topic = broker.fanout_topic("celery.pidbox", "");
+    let _: i64 = redis::AsyncCommands::publish(&mut conn, topic, envelope).await?;
+    let mut replies = std::collections::BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let wanted = destination.map_or(usize::MAX, <[String]>::len);
+    let key = broker.key(&queue);
+    while replies.len() < wanted {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        // BRPOP takes seconds as a float; at least a millisecond, as 0 would block for ever.
+        let wait = left.as_secs_f64().max(0.001);
+        let popped: Option<(String, Vec<u8>)> =
+            redis::cmd("BRPOP").arg(&key).arg(wait).query_async(&mut conn).await?;
+        let Some((_, raw)) = popped else { break };
+        let Ok(env) = serde_json::from_slice::<Value>(&raw) else { continue };
+        if env["headers"]["ticket"] != ticket.as_str() {
+            continue;
+        }
+        let text = env["body"].as_str().unwrap_or_default();
+        let Ok(body) = base64::engine::general_purpose::STANDARD.decode(text) else { continue };
+        if let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(&body) {
+            replies.extend(answer);
+        }
+    }
+    let _: () = redis::AsyncCommands::del(&mut conn, &key).await?;
+    let _: () = redis::AsyncCommands::srem(&mut conn, &bindings, &binding).await?;
+    Ok(replies)
+}
+
 /// Listens for control requests for worker `hostname` until dropped; reconnects with backoff.
 pub async fn serve(
     broker: RedisBroker,
@@ -195,6 +256,9 @@ async fn answer(
             json!({"ok": format!("tasks {} flagged as revoked", ids.join(", "))})
         }
         "ping" => json!({"ok": "pong"}),
+        // A Python worker's mingle at start: celeriac keeps no revocations in memory to share
+        // (they are in Redis, where the Python worker does not look), and no logical clock.
+        "hello" => json!({"revoked": {}, "clock": 0}),
         "stats" => node.stats(),
         "active" => node.active(),
         "registered" => json!(node.registered()),

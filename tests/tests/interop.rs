@@ -45,7 +45,7 @@ async fn python(redis: &RedisServer, args: Vec<String>) -> Value {
 }
 
 /// A real Python Celery worker on queue `default`, serving `diagnostics.noop`.
-fn python_worker(redis: &RedisServer) -> std::process::Child {
+pub(crate) fn python_worker(redis: &RedisServer) -> std::process::Child {
     Command::new(repo_root().join("target/interop-venv/bin/celery"))
         .args([
             "-A",

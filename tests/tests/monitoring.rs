@@ -510,3 +510,69 @@ fn the_http_server_will_not_serve_a_network_without_a_token() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("refusing to serve without a token"), "{stderr}");
 }
+
+/// `celeriac inspect` asks celeriac and Python workers alike, as `celery inspect` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celeriac_inspect_asks_celeriac_and_python_workers_alike() {
+    let redis = RedisServer::start();
+    let node = "celeriac@inspected";
+    let mut ours =
+        worker_command(&redis, &["-n", node, "-Q", "default,solo", "-c", "2"]).spawn().unwrap();
+    let mut python = crate::interop::python_worker(&redis);
+    let inspect = |args: &[&str]| {
+        let out = Command::new(celeriac_tests::celeriac_binary())
+            .arg("inspect")
+            .args(args)
+            .current_dir(repo_root())
+            .env("CELERY_BROKER_URL", redis.url(0))
+            .env("CELERY_RESULT_BACKEND", redis.url(1))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        serde_json::from_str::<Value>(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pong = loop {
+        let pong = inspect(&["ping"]);
+        if pong.as_object().unwrap().len() == 2 {
+            break pong;
+        }
+        assert!(Instant::now() < deadline, "both workers never answered: {pong}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let python_node = pong.as_object().unwrap().keys().find(|n| *n != node).unwrap().clone();
+    assert!(python_node.starts_with("celery@"), "{pong}");
+    assert_eq!(pong[node]["ok"], "pong");
+
+    let b = broker(&redis, Duration::from_secs(30)).await;
+    let spin = enqueue(&b, "diagnostics.spin", json!([60_000]), "solo").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let active = loop {
+        let active = inspect(&["active", "-d", node]);
+        if active[node].as_array().is_some_and(|a| !a.is_empty()) {
+            break active;
+        }
+        assert!(Instant::now() < deadline, "the task never showed as active: {active}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(active.as_object().unwrap().len(), 1, "-d asks one worker: {active}");
+    assert_eq!(active[node][0]["id"], spin);
+    assert_eq!(active[node][0]["name"], "diagnostics.spin");
+
+    let stats = inspect(&["stats"]);
+    for n in [node, python_node.as_str()] {
+        assert!(stats[n]["broker"].is_object() && stats[n]["total"].is_object(), "{stats}");
+    }
+    let registered = inspect(&["registered"]);
+    assert!(registered[&python_node].as_array().unwrap().iter().any(|t| t == "diagnostics.noop"));
+    assert!(registered[node].as_array().unwrap().iter().any(|t| t == "diagnostics.spin"));
+    let queues = inspect(&["queues", "-d", node]);
+    let names: Vec<&str> =
+        queues[node].as_array().unwrap().iter().map(|q| q["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["default", "solo"]);
+
+    for child in [&mut ours, &mut python] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
