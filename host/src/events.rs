@@ -82,6 +82,12 @@ impl CeleryEvents {
         self.task_events.swap(on, Ordering::Relaxed)
     }
 
+    /// `utcoffset` as Celery 5.7 sends it: hours west of UTC as a float, so half-hour zones are
+    /// exact (5.6 floored it to an integer; receivers accept both).
+    fn utcoffset_hours(&self) -> f64 {
+        self.utcoffset_secs.load(Ordering::Relaxed) as f64 / 3600.0
+    }
+
     /// Whether task events are on.
     pub fn task_events_on(&self) -> bool {
         self.task_events.load(Ordering::Relaxed)
@@ -101,13 +107,7 @@ impl CeleryEvents {
         stop: CancellationToken,
     ) {
         let mut failing = false;
-        self.send(
-            &broker,
-            "worker.online",
-            &self.worker_event("worker-online", load()),
-            &mut failing,
-        )
-        .await;
+        self.worker_status(&broker, "online", load(), &mut failing).await;
         let mut beat = tokio::time::interval(HEARTBEAT_EVERY);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         beat.tick().await;
@@ -116,26 +116,28 @@ impl CeleryEvents {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = beat.tick() => self.heartbeat(&broker, &load, &mut failing).await,
-                _ = self.beat_now.notified() => self.heartbeat(&broker, &load, &mut failing).await,
+                _ = beat.tick() => self.worker_status(&broker, "heartbeat", load(), &mut failing).await,
+                _ = self.beat_now.notified() => self.worker_status(&broker, "heartbeat", load(), &mut failing).await,
                 _ = flush.tick() => self.flush(&broker, &mut failing).await,
                 _ = self.flush_now.notified() => self.flush(&broker, &mut failing).await,
             }
         }
         self.flush(&broker, &mut failing).await;
-        self.send(
-            &broker,
-            "worker.offline",
-            &self.worker_event("worker-offline", load()),
-            &mut failing,
-        )
-        .await;
+        self.worker_status(&broker, "offline", load(), &mut failing).await;
     }
 
-    async fn heartbeat<B: Broker>(&self, broker: &B, load: &impl Fn() -> Load, failing: &mut bool) {
+    /// Sends `worker-<status>` (online, heartbeat, offline), re-reading the UTC offset first
+    /// so events follow a DST change.
+    async fn worker_status<B: Broker>(
+        &self,
+        broker: &B,
+        status: &str,
+        load: Load,
+        failing: &mut bool,
+    ) {
         self.utcoffset_secs.store(west_of_utc_secs(), Ordering::Relaxed);
-        let event = self.worker_event("worker-heartbeat", load());
-        self.send(broker, "worker.heartbeat", &event, failing).await;
+        let event = self.worker_event(&format!("worker-{status}"), load);
+        self.send(broker, &format!("worker.{status}"), &event, failing).await;
     }
 
     /// Sends the buffered task events as one `task.multi` list.
@@ -181,7 +183,7 @@ impl CeleryEvents {
     fn common(&self, kind: &str) -> Map<String, Value> {
         let mut m = Map::new();
         m.insert("hostname".into(), Value::String(self.hostname.clone()));
-        m.insert("utcoffset".into(), utcoffset_value(self.utcoffset_secs.load(Ordering::Relaxed)));
+        m.insert("utcoffset".into(), json!(self.utcoffset_hours()));
         m.insert("pid".into(), json!(self.pid));
         m.insert("clock".into(), json!(self.clock.fetch_add(1, Ordering::Relaxed) + 1));
         m.insert("timestamp".into(), json!(crate::broker::now_secs()));
@@ -217,7 +219,7 @@ impl CeleryEvents {
         };
         let mut event = TaskEventJson {
             hostname: &self.hostname,
-            utcoffset: self.utcoffset_secs.load(Ordering::Relaxed) as f64 / 3600.0,
+            utcoffset: self.utcoffset_hours(),
             pid: self.pid,
             clock,
             timestamp: crate::broker::now_secs(),
@@ -329,12 +331,6 @@ fn west_of_utc_secs() -> i64 {
     -i64::from(chrono::Local::now().offset().fix().local_minus_utc())
 }
 
-/// `utcoffset` as Celery 5.7 sends it: hours west of UTC as a float, so half-hour zones are
-/// exact (5.6 floored it to an integer; receivers accept both).
-fn utcoffset_value(west_secs: i64) -> Value {
-    json!(west_secs as f64 / 3600.0)
-}
-
 /// The 1, 5 and 15 minute load averages, rounded to two places as Celery sends them.
 fn loadavg() -> [f64; 3] {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -359,9 +355,10 @@ mod tests {
 
     #[test]
     fn utcoffset_is_hours_west_as_a_float() {
-        assert_eq!(utcoffset_value(0), json!(0.0));
-        assert_eq!(utcoffset_value(-7200), json!(-2.0));
-        assert_eq!(utcoffset_value(18000), json!(5.0));
-        assert_eq!(utcoffset_value(-19800), json!(-5.5));
+        let events = CeleryEvents::new("celeriac@unit");
+        for (secs, hours) in [(0, 0.0), (-7200, -2.0), (18000, 5.0), (-19800, -5.5)] {
+            events.utcoffset_secs.store(secs, Ordering::Relaxed);
+            assert_eq!(events.utcoffset_hours(), hours);
+        }
     }
 }
