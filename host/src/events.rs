@@ -215,7 +215,8 @@ impl CeleryEvents {
             Stage::Retried { .. } => "task-retried",
             Stage::Revoked { .. } => "task-revoked",
             // Celery's `task-rejected` names a task; a message that is not one has no id.
-            Stage::Rejected { .. } => return None,
+            // Celery has no event for a rate-limit deferral.
+            Stage::Rejected { .. } | Stage::RateLimited { .. } => return None,
         };
         let mut event = TaskEventJson {
             hostname: &self.hostname,
@@ -255,7 +256,7 @@ impl CeleryEvents {
                 event.signum = Some((why == Revoked::Terminated).then_some(15));
                 event.expired = Some(why == Revoked::Expired);
             }
-            Stage::Started | Stage::Rejected { .. } => {}
+            Stage::Started | Stage::Rejected { .. } | Stage::RateLimited { .. } => {}
         }
         serde_json::to_string(&event).ok()
     }

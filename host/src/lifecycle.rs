@@ -58,6 +58,11 @@ pub enum Stage<'a> {
         /// Why.
         why: Revoked,
     },
+    /// Put back for later: its task's global rate limit has no token now.
+    RateLimited {
+        /// How long until its turn.
+        wait: std::time::Duration,
+    },
     /// A message that is not a task, dead-lettered without running.
     Rejected {
         /// The kind of defect (`Poison::kind`).
@@ -76,6 +81,7 @@ impl Stage<'_> {
             Stage::Failed { .. } => "failed",
             Stage::Revoked { .. } => "revoked",
             Stage::Rejected { .. } => "rejected",
+            Stage::RateLimited { .. } => "rate_limited",
         }
     }
 }
@@ -149,7 +155,13 @@ impl Subscriber for LogLine {
         let queue = printable(e.queue);
         let retries = e.task.map_or(0, |t| t.retries);
         match (e.stage, e.report) {
-            (Stage::Received | Stage::Started | Stage::Rejected { .. }, _) => {}
+            (
+                Stage::Received
+                | Stage::Started
+                | Stage::Rejected { .. }
+                | Stage::RateLimited { .. },
+                _,
+            ) => {}
             (Stage::Revoked { why: Revoked::ById }, None) => {
                 info!(%queue, outcome = "revoked", "task revoked before it ran")
             }

@@ -9,7 +9,12 @@
 //! `celeriac_queue_length{queue_name}`. Unlike celery-exporter, a queue's length counts all of
 //! its priority lists. The sandbox adds `celeriac_task_memory_peak_bytes`,
 //! `celeriac_task_fuel_consumed_total` and `celeriac_task_limits_hit_total{name,kind}`, and
-//! `celeriac_dlq_length{queue_name}` counts dead letters.
+//! `celeriac_dlq_length{queue_name}` counts dead letters. Messages celeriac's producers send carry
+//! their send time, which gives `celeriac_task_queue_wait_seconds` (send or ETA to start) and
+//! `celeriac_oldest_message_age_seconds{queue_name}`; Celery's own producers do not record it.
+//! Also: `celeriac_task_instantiate_seconds{name}` (making the fresh instance),
+//! `celeriac_task_rate_limit_wait_seconds{name}` (one sample per deferral by a global rate
+//! limit) and `celeriac_broker_reconnects_total`.
 //!
 //! Labels stay bounded: `hostname` is the part of the node name after `@`, as celery-exporter
 //! has it; `name` is a task this worker registered, or `unregistered` (a producer cannot add a
@@ -21,7 +26,7 @@
 
 use crate::lifecycle::{Stage, Subscriber, TaskEvent};
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Encoder as _, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 use std::collections::HashSet;
 
@@ -41,22 +46,42 @@ pub struct Metrics {
     stages: Vec<IntCounterVec>,
     failed: IntCounterVec,
     runtime: HistogramVec,
+    queue_wait: HistogramVec,
+    instantiate: HistogramVec,
+    rate_limit_wait: HistogramVec,
     memory_peak: HistogramVec,
+    reconnects: prometheus::IntCounter,
     fuel: IntCounterVec,
     limits_hit: IntCounterVec,
     worker_up: IntGaugeVec,
     active: IntGaugeVec,
     queue_length: IntGaugeVec,
     dlq_length: IntGaugeVec,
+    oldest_age: GaugeVec,
 }
 
 /// What the scrape reads from Redis and the worker.
 #[derive(Debug, Default)]
 pub struct Sample {
-    /// Tasks running now.
-    pub active: usize,
-    /// Per consumed queue: messages waiting (all priorities) and dead letters.
-    pub queues: Vec<(String, u64, u64)>,
+    /// Tasks running now; `None` when no worker runs in this process (`celeriac api`).
+    pub active: Option<usize>,
+    /// Per queue: what waits in it.
+    pub queues: Vec<QueueSample>,
+    /// Times the worker's fetching resumed after Redis did not answer, since it started.
+    pub reconnects: Option<u64>,
+}
+
+/// One queue at scrape time.
+#[derive(Debug)]
+pub struct QueueSample {
+    /// The queue.
+    pub name: String,
+    /// Messages waiting, all priorities.
+    pub waiting: u64,
+    /// Dead letters.
+    pub dead: u64,
+    /// Seconds the oldest waiting message has waited, when a celeriac producer sent it.
+    pub oldest_age: Option<f64>,
 }
 
 impl Metrics {
@@ -88,6 +113,37 @@ impl Metrics {
             ]),
             &labels,
         )?;
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "task_queue_wait_seconds",
+                "Time from send (or ETA) to start, for tasks a celeriac producer sent",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                3600.0,
+            ]),
+            &labels,
+        )?;
+        let instantiate = HistogramVec::new(
+            HistogramOpts::new("task_instantiate_seconds", "Time to make a task's fresh instance")
+                .buckets(vec![
+                    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                    0.01, 0.025, 0.1,
+                ]),
+            &["name"],
+        )?;
+        let rate_limit_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "task_rate_limit_wait_seconds",
+                "Delays put on tasks by their global rate limit (one per deferral)",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0]),
+            &["name"],
+        )?;
+        let reconnects = prometheus::IntCounter::new(
+            "broker_reconnects_total",
+            "Times the worker's fetching resumed after Redis did not answer",
+        )?;
         let memory_peak = HistogramVec::new(
             HistogramOpts::new("task_memory_peak_bytes", "Largest linear memory a run asked for")
                 .buckets(prometheus::exponential_buckets(65536.0, 4.0, 9)?),
@@ -116,11 +172,21 @@ impl Metrics {
             Opts::new("dlq_length", "Dead letters of a consumed queue"),
             &["queue_name"],
         )?;
+        let oldest_age = GaugeVec::new(
+            Opts::new(
+                "oldest_message_age_seconds",
+                "Age of the oldest message waiting in a queue, when a celeriac producer sent it",
+            ),
+            &["queue_name"],
+        )?;
         for c in [&failed, &fuel, &limits_hit] {
             registry.register(Box::new(c.clone()))?;
         }
-        registry.register(Box::new(runtime.clone()))?;
-        registry.register(Box::new(memory_peak.clone()))?;
+        for h in [&runtime, &queue_wait, &instantiate, &rate_limit_wait, &memory_peak] {
+            registry.register(Box::new(h.clone()))?;
+        }
+        registry.register(Box::new(reconnects.clone()))?;
+        registry.register(Box::new(oldest_age.clone()))?;
         for g in [&worker_up, &active, &queue_length, &dlq_length] {
             registry.register(Box::new(g.clone()))?;
         }
@@ -131,13 +197,18 @@ impl Metrics {
             stages,
             failed,
             runtime,
+            queue_wait,
+            instantiate,
+            rate_limit_wait,
             memory_peak,
+            reconnects,
             fuel,
             limits_hit,
             worker_up,
             active,
             queue_length,
             dlq_length,
+            oldest_age,
         })
     }
 
@@ -148,10 +219,24 @@ impl Metrics {
 
     /// The text exposition format, with the gauges read now from `sample`.
     pub fn render(&self, sample: &Sample) -> String {
-        self.active.with_label_values(&[&self.hostname]).set(sample.active as i64);
-        for (queue, waiting, dead) in &sample.queues {
-            self.queue_length.with_label_values(&[queue]).set(*waiting as i64);
-            self.dlq_length.with_label_values(&[queue]).set(*dead as i64);
+        if let Some(total) = sample.reconnects {
+            // A counter only goes up: add what it has not counted yet.
+            self.reconnects.inc_by(total.saturating_sub(self.reconnects.get()));
+        }
+        if let Some(active) = sample.active {
+            self.active.with_label_values(&[&self.hostname]).set(active as i64);
+        }
+        for q in &sample.queues {
+            self.queue_length.with_label_values(&[&q.name]).set(q.waiting as i64);
+            self.dlq_length.with_label_values(&[&q.name]).set(q.dead as i64);
+            match q.oldest_age {
+                Some(age) => self.oldest_age.with_label_values(&[&q.name]).set(age),
+                // Empty, or its oldest message has no send time: no sample rather than a 0
+                // that reads as "nothing waits".
+                None => {
+                    let _ = self.oldest_age.remove_label_values(&[&q.name]);
+                }
+            }
         }
         let families = self.registry.gather();
         let mut out = Vec::new();
@@ -169,6 +254,9 @@ impl Subscriber for Metrics {
         let name = e.task.map_or(UNREGISTERED, |t| self.name(&t.task));
         let labels = [name, self.hostname.as_str(), e.queue];
         match e.stage {
+            Stage::RateLimited { wait } => {
+                self.rate_limit_wait.with_label_values(&[name]).observe(wait.as_secs_f64());
+            }
             Stage::Failed { error } => {
                 self.failed
                     .with_label_values(&[
@@ -183,11 +271,19 @@ impl Subscriber for Metrics {
                 if let Some(i) = STAGES.iter().position(|s| *s == stage.name()) {
                     self.stages[i].with_label_values(&labels).inc();
                 }
+                if let (Stage::Started, Some(wait)) =
+                    (stage, e.task.and_then(|t| t.queue_wait(chrono::Utc::now())))
+                {
+                    self.queue_wait.with_label_values(&labels).observe(wait);
+                }
             }
         }
         if let Some(report) = e.report {
             self.runtime.with_label_values(&labels).observe(report.wall.as_secs_f64());
             self.memory_peak.with_label_values(&[name]).observe(report.peak_memory as f64);
+            if let Some(took) = report.instantiate {
+                self.instantiate.with_label_values(&[name]).observe(took.as_secs_f64());
+            }
             if let Some(fuel) = report.fuel_used {
                 self.fuel.with_label_values(&[name]).inc_by(fuel);
             }

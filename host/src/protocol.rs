@@ -87,6 +87,9 @@ pub struct TaskMessage {
     /// The parts of the body's workflow (`callbacks`, `errbacks`, `chain`, `chord`) that are
     /// set: celeriac does not run them yet, and says so rather than drop them silently.
     pub workflow: Vec<&'static str>,
+    /// When a celeriac producer sent it (Unix seconds, the `sent_at` property); Celery's own
+    /// producers do not record it.
+    pub sent_at: Option<f64>,
     /// The whole envelope as received.
     pub raw: String,
 }
@@ -187,6 +190,8 @@ struct RawProperties<'a> {
     body_encoding: Raw<'a>,
     #[serde(borrow)]
     priority: Raw<'a>,
+    #[serde(borrow)]
+    sent_at: Raw<'a>,
 }
 
 /// The body `[args, kwargs, embed]` as JSON texts. The common case (no kombu-typed values) is
@@ -376,6 +381,7 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Poison> {
         time_limits,
         ignore_result: field(headers.ignore_result).and_then(|v| v.as_bool()).unwrap_or(false),
         workflow,
+        sent_at: field(properties.sent_at).and_then(|v| v.as_f64()).filter(|t| t.is_finite()),
         raw: text.to_string(),
     })
 }
@@ -465,6 +471,9 @@ pub fn encode(
             "priority": opts.priority.unwrap_or(0).min(9),
             "body_encoding": "base64",
             "delivery_tag": uuid::Uuid::new_v4().to_string(),
+            // Not kombu's: when it was sent, for queue wait and the oldest message's age.
+            // Other consumers ignore properties they do not know.
+            "sent_at": crate::broker::now_secs(),
         },
     });
     (id, envelope.to_string())
@@ -474,6 +483,14 @@ impl TaskMessage {
     /// Whether its `expires` has passed at `now`: it is revoked instead of run.
     pub fn expired(&self, now: DateTime<Utc>) -> bool {
         self.expires.is_some_and(|e| e <= now)
+    }
+
+    /// How long it waited in its queue before `now`, not counting an ETA delay: known only
+    /// for messages a celeriac producer sent.
+    pub fn queue_wait(&self, now: DateTime<Utc>) -> Option<f64> {
+        let sent = self.sent_at?;
+        let ready = self.eta.map_or(sent, |eta| sent.max(eta.timestamp_micros() as f64 / 1e6));
+        Some((now.timestamp_micros() as f64 / 1e6 - ready).max(0.0))
     }
 
     /// Its ETA, when that is still ahead of `now`.
@@ -522,6 +539,8 @@ impl TaskMessage {
 
 /// Celery task states.
 pub mod states {
+    /// Not known to have started: queued, or never sent (Celery cannot tell).
+    pub const PENDING: &str = "PENDING";
     /// Running (written when the task starts).
     pub const STARTED: &str = "STARTED";
     /// Done with a result.

@@ -430,6 +430,7 @@ impl Runtime {
         let mut report = RunReport {
             outcome: Outcome::HostError { message: String::new() },
             wall: Duration::ZERO,
+            instantiate: None,
             fuel_used: None,
             peak_memory: 0,
             children: Vec::new(),
@@ -457,12 +458,14 @@ impl Runtime {
             soft_deadline_ms: limits.soft_time_limit.map(|d| d.as_millis() as u64),
         };
         let terminated = store.data().task.signals.0.terminate.clone();
+        let mut instantiated = None;
         let result = {
             let run = async {
                 let task = match module.pre.instantiate_async(&mut store).await {
                     Ok(task) => task,
                     Err(e) => return Err(Err(e)),
                 };
+                instantiated = Some(started.elapsed());
                 task.call_run(&mut store, &invocation.task, &call).await.map_err(Ok)
             };
             // A guest blocked in a host call (a sleep, a slow store) is not at an epoch check;
@@ -476,6 +479,7 @@ impl Runtime {
             }
         };
         report.wall = started.elapsed();
+        report.instantiate = instantiated;
         report.peak_memory = store.data().limiter.peak;
         if self.config.fuel && limits.fuel.is_some() {
             let left = store.get_fuel().unwrap_or(0);

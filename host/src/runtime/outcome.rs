@@ -193,6 +193,8 @@ pub struct RunReport {
     pub outcome: Outcome,
     /// Wall time from instantiation to the end of the call.
     pub wall: Duration,
+    /// How long making the fresh instance took, when it got that far.
+    pub instantiate: Option<Duration>,
     /// Fuel consumed, when the task had a fuel budget.
     pub fuel_used: Option<u64>,
     /// Largest linear memory the instance asked for, in bytes.

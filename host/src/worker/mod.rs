@@ -94,6 +94,8 @@ pub struct Stats {
     /// Messages whose link, link_error, chain or chord was not followed (celeriac does not run
     /// workflows yet).
     pub workflow_ignored: AtomicU64,
+    /// Times fetching resumed after Redis did not answer.
+    pub reconnects: AtomicU64,
 }
 
 impl std::fmt::Display for Stats {
@@ -402,6 +404,9 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             let order = self.live.fetch_order();
             let deliveries = match self.broker.fetch(&order, permits.num_permits(), &prefix).await {
                 Ok(d) => {
+                    if !redis_down.is_zero() {
+                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
                     redis_down = Duration::ZERO;
                     d
                 }
@@ -575,6 +580,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
 
             // Global rate limit: its slot is later, come back then.
             if let Some(wait) = admission.rate_wait {
+                self.emit(d, &msg, Stage::RateLimited { wait }, None);
                 let then = vec![self.park(d, &msg, now_ms() + wait.as_millis() as i64)];
                 return Disposition::Finish { results: vec![], then };
             }
