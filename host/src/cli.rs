@@ -55,13 +55,30 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Send a task; prints its id.
     Enqueue(EnqueueArgs),
-    /// Print a task's state and result.
+    /// Serve the HTTP API without running tasks: send, read and revoke tasks, look at queues,
+    /// workers and dead letters, and scrape queue metrics.
+    Api(ApiArgs),
+    /// Print a task's state and result; without an id, the queues (per priority, the oldest
+    /// message's age, dead letters) and the live workers.
     Status {
         /// Task id.
-        id: String,
+        id: Option<String>,
         /// Wait up to this long for the task to finish.
         #[arg(long)]
         wait: Option<HumanDuration>,
+        /// Without an id: how long to wait for workers to answer.
+        #[arg(long, default_value = "1s")]
+        timeout: HumanDuration,
+    },
+    /// Print the Celery events of every worker on the broker as they happen, as
+    /// `celery events --dump` does.
+    Events {
+        /// One JSON object a line instead.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
     },
     /// Revoke tasks: queued copies never run; with --terminate a running one is stopped.
     Revoke {
@@ -219,15 +236,48 @@ pub struct WorkerArgs {
     /// `enable_events` or `celery control enable_events` turns task events on).
     #[arg(long)]
     pub no_task_events: bool,
-    /// Serve /healthz, /readyz and Prometheus /metrics on this address (e.g. 127.0.0.1:9808).
+    /// Serve the HTTP API (tasks, queues, workers, dead letters, Flower's API subset), the
+    /// probes and Prometheus /metrics on this address (e.g. 127.0.0.1:9808).
     #[arg(long)]
     pub http: Option<std::net::SocketAddr>,
-    /// The bearer token /metrics requires.
+    /// HTTP auth.
+    #[command(flatten)]
+    pub auth: HttpAuthArgs,
+}
+
+/// How the HTTP server authenticates.
+#[derive(Debug, Args)]
+pub struct HttpAuthArgs {
+    /// The bearer token every request but the probes needs.
     #[arg(long, env = "CELERIAC_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
-    /// Serve --http without a token on an address that is not loopback.
+    /// Serve without a token on an address that is not loopback.
     #[arg(long)]
     pub http_insecure: bool,
+}
+
+impl HttpAuthArgs {
+    fn options(self, addr: std::net::SocketAddr) -> crate::api::HttpOptions {
+        crate::api::HttpOptions {
+            addr,
+            token: self.api_token.filter(|t| !t.is_empty()),
+            insecure: self.http_insecure,
+        }
+    }
+}
+
+/// `celeriac api ...`
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// The address to serve on.
+    #[arg(long, default_value = "127.0.0.1:9808")]
+    pub listen: std::net::SocketAddr,
+    /// HTTP auth.
+    #[command(flatten)]
+    pub auth: HttpAuthArgs,
+    /// How long results of tasks sent through the API are kept, as the workers keep them.
+    #[arg(long, default_value = "1d")]
+    pub result_expires: HumanDuration,
 }
 
 /// `celeriac enqueue ...`
@@ -324,7 +374,25 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
             enqueue(&config, &prefix, args).await
         }
-        Command::Status { id, wait } => {
+        Command::Api(args) => {
+            let config = Config::load(cli.config.as_deref(), &overrides)?;
+            api(&config, &prefix, args).await
+        }
+        Command::Status { id: None, timeout, .. } => {
+            let config = Config::load(cli.config.as_deref(), &overrides)?;
+            redis_only(&config.broker)?;
+            let broker = RedisBroker::connect(&config.broker, broker_options(&prefix)).await?;
+            print!("{}", crate::overview::render(&broker, &config, timeout.0).await?);
+            Ok(0)
+        }
+        Command::Events { json, count } => {
+            let config = Config::load(cli.config.as_deref(), &overrides)?;
+            redis_only(&config.broker)?;
+            let broker = RedisBroker::connect(&config.broker, broker_options(&prefix)).await?;
+            crate::tail::tail(&broker, json, count).await?;
+            Ok(0)
+        }
+        Command::Status { id: Some(id), wait, .. } => {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
             let results =
                 ResultBackend::connect(&config.result_backend, &prefix, Duration::ZERO).await?;
@@ -502,22 +570,31 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
     let task_names: Vec<String> = registry.tasks().map(|e| e.info.name.clone()).collect();
     let metrics = Arc::new(crate::metrics::Metrics::new(&options.hostname, task_names)?);
     let monitoring = Monitoring { events: Some(events), subscribers: vec![metrics.clone()] };
-    let http_broker = broker.clone();
+    let (http_broker, http_results) = (broker.clone(), results.clone());
+    let catalog = crate::api::Catalog::new(&registry, config);
     let w = Worker::monitored(registry, broker, results, kv, options, monitoring);
     let stop_http = CancellationToken::new();
     let http = match args.http {
         Some(addr) => {
-            let opts = crate::api::HttpOptions {
-                addr,
-                token: args.api_token.filter(|t| !t.is_empty()),
-                insecure: args.http_insecure,
-            };
             let node = w.clone();
-            let view: crate::api::WorkerView =
-                Arc::new(move || (node.load().active, crate::control::Node::queues(&*node)));
-            let server =
-                crate::api::bind(&opts, metrics.clone(), http_broker, view, stop_http.clone())
-                    .await?;
+            let api = crate::api::Api {
+                broker: http_broker,
+                results: http_results,
+                catalog,
+                metrics: metrics.clone(),
+                view: Arc::new(move || {
+                    Some(crate::api::Local {
+                        active: node.load().active,
+                        queues: crate::control::Node::queues(&*node),
+                        reconnects: node
+                            .stats
+                            .reconnects
+                            .load(std::sync::atomic::Ordering::Relaxed),
+                    })
+                }),
+                revoke_ttl: Duration::from_secs(3 * 3600),
+            };
+            let server = crate::api::bind(&args.auth.options(addr), api, stop_http.clone()).await?;
             metrics.set_up(true);
             Some(tokio::spawn(server))
         }
@@ -548,6 +625,39 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
     }
     ran?;
     eprintln!("stopped: {}", w.stats);
+    Ok(0)
+}
+
+/// `celeriac api`: the HTTP server alone, until SIGTERM or SIGINT.
+async fn api(config: &Config, prefix: &str, args: ApiArgs) -> anyhow::Result<i32> {
+    redis_only(&config.broker)?;
+    let broker = RedisBroker::connect(&config.broker, broker_options(prefix)).await?;
+    let results =
+        ResultBackend::connect(&config.result_backend, prefix, args.result_expires.0).await?;
+    // Loaded for the task names and their queues (compiled modules come from the cache).
+    let registry = Registry::load(config, 1).await?;
+    let catalog = crate::api::Catalog::new(&registry, config);
+    let node = format!("celeriac-api@{}", protocol::hostname());
+    let metrics = Arc::new(crate::metrics::Metrics::new(&node, catalog.names().map(String::from))?);
+    let api = crate::api::Api {
+        broker,
+        results,
+        catalog,
+        metrics,
+        view: Arc::new(|| None),
+        revoke_ttl: Duration::from_secs(3 * 3600),
+    };
+    let stop = CancellationToken::new();
+    let server = crate::api::bind(&args.auth.options(args.listen), api, stop.clone()).await?;
+    eprintln!("serving the HTTP API on http://{}", args.listen);
+    let serving = tokio::spawn(server);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    stop.cancel();
+    let _ = serving.await;
     Ok(0)
 }
 
@@ -612,7 +722,13 @@ async fn enqueue(config: &Config, prefix: &str, args: EnqueueArgs) -> anyhow::Re
         println!("{sent}");
         return Ok(0);
     }
-    let opts = NewTask { id: args.id, priority: args.priority, eta, expires, ..NewTask::default() };
+    let id = args.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    // Remembered, so the HTTP API reads it as PENDING rather than unknown until it runs.
+    let results =
+        ResultBackend::connect(&config.result_backend, prefix, Duration::from_secs(86_400)).await?;
+    results.remember(&id).await?;
+    let opts =
+        NewTask { id: Some(id), priority: args.priority, eta, expires, ..NewTask::default() };
     let id = client::enqueue(&broker, &args.task, &positional, &keywords, &queue, &opts).await?;
     println!("{id}");
     Ok(0)

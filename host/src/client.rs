@@ -54,39 +54,40 @@ pub async fn status<R: ResultStore>(
     results: &R,
     id: &str,
 ) -> anyhow::Result<(String, Option<Value>)> {
-    match results.get(id).await? {
+    parse_meta(results.get(id).await?)
+}
+
+/// Waits until the task is ready (SUCCESS, FAILURE, REVOKED) or `timeout` passes, on the same
+/// channel `AsyncResult.get()` listens to.
+pub async fn wait<R: ResultStore>(
+    results: &R,
+    id: &str,
+    timeout: Duration,
+) -> anyhow::Result<(String, Option<Value>)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match results.wait_ready(id, left).await {
+            Ok(meta) if left.is_zero() || meta.as_deref().is_some_and(crate::results::is_ready) => {
+                return parse_meta(meta);
+            }
+            // Redis restarting or briefly away: the connection heals itself; keep waiting.
+            Ok(_) => {}
+            Err(e) if !left.is_zero() => tracing::debug!("waiting for {id}: {e:#}"),
+            Err(e) => return Err(e.into()),
+        }
+        tokio::time::sleep(Duration::from_millis(100).min(left)).await;
+    }
+}
+
+fn parse_meta(meta: Option<String>) -> anyhow::Result<(String, Option<Value>)> {
+    match meta {
         None => Ok(("PENDING".to_string(), None)),
         Some(text) => {
             let meta: Value = serde_json::from_str(&text)?;
             let state = meta["status"].as_str().unwrap_or("UNKNOWN").to_string();
             Ok((state, Some(meta)))
         }
-    }
-}
-
-/// Waits until the task is ready (SUCCESS, FAILURE, REVOKED) or `timeout` passes.
-pub async fn wait<R: ResultStore>(
-    results: &R,
-    id: &str,
-    timeout: Duration,
-) -> anyhow::Result<(String, Option<Value>)> {
-    let start = Instant::now();
-    loop {
-        let (state, meta) = match status(results, id).await {
-            Ok(found) => found,
-            // Redis restarting or briefly away: the connection heals itself; keep waiting.
-            Err(e) if start.elapsed() < timeout => {
-                tracing::debug!("status of {id}: {e:#}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let ready = matches!(state.as_str(), states::SUCCESS | states::FAILURE | states::REVOKED);
-        if ready || start.elapsed() >= timeout {
-            return Ok((state, meta));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -105,10 +106,7 @@ pub async fn revoke<B: Broker, R: ResultStore>(
     let mut stored: Vec<StoredResult> = Vec::with_capacity(ids.len());
     for id in ids {
         let current = results.get(id).await?;
-        let ended = current.as_deref().and_then(crate::results::status_of).is_some_and(|s| {
-            [states::SUCCESS, states::FAILURE, states::REVOKED].contains(&s.as_str())
-        });
-        if !ended {
+        if !current.as_deref().is_some_and(crate::results::is_ready) {
             let meta = protocol::result_meta(id, states::REVOKED, exc.clone(), None, &[]);
             stored.push(StoredResult { id: id.clone(), meta });
         }

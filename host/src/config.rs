@@ -56,6 +56,11 @@ pub struct ConfigFile {
     pub routes: Vec<Route>,
 }
 
+/// The queue the first rule of `routes` that matches `name` gives it.
+pub fn route<'a>(routes: &'a [Route], name: &str) -> Option<&'a str> {
+    routes.iter().find(|r| crate::runtime::glob_match(&r.task, name)).map(|r| r.queue.as_str())
+}
+
 /// A routing rule, e.g. `{ task = "indexing.*", queue = "indexing" }`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -478,10 +483,7 @@ impl Config {
 
     /// The queue the first matching routing rule gives `name`.
     pub fn route(&self, name: &str) -> Option<&str> {
-        self.routes
-            .iter()
-            .find(|r| crate::runtime::glob_match(&r.task, name))
-            .map(|r| r.queue.as_str())
+        route(&self.routes, name)
     }
 
     /// The settings for `name` served by `module`, resolved through every layer.

@@ -169,6 +169,9 @@ pub async fn ask(
     let deadline = tokio::time::Instant::now() + timeout;
     let wanted = destination.map_or(usize::MAX, <[String]>::len);
     let key = broker.key(&queue);
+    // BRPOP holds the connection it runs on: on the broker's shared one it would stall every
+    // other command of this process, the worker's own pidbox replies among them.
+    let mut waiting = redis::Client::open(broker.url())?.get_multiplexed_async_connection().await?;
     while replies.len() < wanted {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
@@ -177,7 +180,7 @@ pub async fn ask(
         // BRPOP takes seconds as a float; at least a millisecond, as 0 would block for ever.
         let wait = left.as_secs_f64().max(0.001);
         let popped: Option<(String, Vec<u8>)> =
-            redis::cmd("BRPOP").arg(&key).arg(wait).query_async(&mut conn).await?;
+            redis::cmd("BRPOP").arg(&key).arg(wait).query_async(&mut waiting).await?;
         let Some((_, raw)) = popped else { break };
         let Ok(env) = serde_json::from_slice::<Value>(&raw) else { continue };
         if env["headers"]["ticket"] != ticket.as_str() {

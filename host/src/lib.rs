@@ -37,12 +37,13 @@ pub mod events;
 pub mod kv;
 pub mod lifecycle;
 pub mod metrics;
+pub mod overview;
 pub mod protocol;
 pub mod registry;
 pub mod repr;
 pub mod results;
-
 pub mod runtime;
+pub mod tail;
 pub mod units;
 pub mod worker;
 

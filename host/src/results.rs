@@ -1,6 +1,7 @@
 //! The Celery result backend on Redis: `celery-task-meta-<id>` written with SETEX and announced
 //! with PUBLISH on the same key, which is what `AsyncResult.get()` waits for.
 
+use crate::broker::BrokerResult;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use std::time::Duration;
@@ -53,6 +54,8 @@ pub fn status_of(meta: &str) -> Option<String> {
 #[derive(Clone)]
 pub struct ResultBackend {
     conn: ConnectionManager,
+    /// For the subscriptions [`ResultStore::wait_ready`] makes.
+    client: redis::Client,
     prefix: String,
     expires: Duration,
     store_script: redis::Script,
@@ -80,6 +83,7 @@ impl ResultBackend {
     pub async fn connect(url: &str, prefix: &str, expires: Duration) -> anyhow::Result<Self> {
         Ok(ResultBackend {
             conn: crate::broker::connect(url).await?,
+            client: redis::Client::open(url)?,
             prefix: key_prefix(prefix),
             expires,
             store_script: redis::Script::new(STORE),
@@ -90,6 +94,86 @@ impl ResultBackend {
     pub fn key(&self, id: &str) -> String {
         format!("{}celery-task-meta-{id}", self.prefix)
     }
+
+    fn sent_key(&self, id: &str) -> String {
+        format!("{}celeriac-task-sent-{id}", self.prefix)
+    }
+
+    /// Notes that a celeriac producer sent task `id`, for as long as its result would be kept,
+    /// so that a read can tell "queued" (PENDING) from "never heard of" (see [`Self::known`]).
+    pub async fn remember(&self, id: &str) -> BrokerResult<()> {
+        let mut set = redis::cmd("SET");
+        set.arg(self.sent_key(id)).arg(1);
+        if !self.expires.is_zero() {
+            set.arg("EX").arg(self.expires.as_secs().max(1));
+        }
+        Ok(set.query_async(&mut self.conn.clone()).await?)
+    }
+
+    /// Whether task `id` was sent by a celeriac producer or has a stored state. Celery reads an
+    /// id it knows nothing of as PENDING for ever; this tells the two apart.
+    pub async fn known(&self, id: &str) -> BrokerResult<bool> {
+        let found: u32 = redis::cmd("EXISTS")
+            .arg(self.key(id))
+            .arg(self.sent_key(id))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(found > 0)
+    }
+
+    fn idempotency_key(&self, key: &str) -> String {
+        use sha2::Digest as _;
+        // Hashed: the client's key may be long or hold anything.
+        let digest = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+        format!("{}celeriac-idempotency-{digest}", self.prefix)
+    }
+
+    /// Claims an idempotency key for `record` during `ttl`. Returns `None` when this call
+    /// claimed it, or the record stored by the call that did.
+    pub async fn claim(
+        &self,
+        key: &str,
+        record: &str,
+        ttl: Duration,
+    ) -> BrokerResult<Option<String>> {
+        let key = self.idempotency_key(key);
+        let mut conn = self.conn.clone();
+        // Twice at most: the claim can expire between the SET and the GET.
+        for _ in 0..2 {
+            let set: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(record)
+                .arg("NX")
+                .arg("EX")
+                .arg(ttl.as_secs().max(1))
+                .query_async(&mut conn)
+                .await?;
+            if set.is_some() {
+                return Ok(None);
+            }
+            if let Some(held) = conn.get::<_, Option<String>>(&key).await? {
+                return Ok(Some(held));
+            }
+        }
+        Ok(Some(String::new()))
+    }
+
+    /// Gives back a claim whose request failed, so that the client's retry is not answered with
+    /// an id that was never sent.
+    pub async fn release(&self, key: &str) -> BrokerResult<()> {
+        Ok(self.conn.clone().del(self.idempotency_key(key)).await?)
+    }
+}
+
+/// Whether a stored meta is in a state that no longer changes (SUCCESS, FAILURE, REVOKED).
+pub fn is_ready(meta: &str) -> bool {
+    status_of(meta).is_some_and(|s| is_ready_state(&s))
+}
+
+/// Whether `state` no longer changes: SUCCESS, FAILURE or REVOKED.
+pub fn is_ready_state(state: &str) -> bool {
+    use crate::protocol::states;
+    [states::SUCCESS, states::FAILURE, states::REVOKED].contains(&state)
 }
 
 impl crate::broker::ResultStore for ResultBackend {
@@ -110,6 +194,35 @@ impl crate::broker::ResultStore for ResultBackend {
     /// Reads a result: the meta JSON, or `None` while PENDING.
     async fn get(&self, id: &str) -> crate::broker::BrokerResult<Option<String>> {
         Ok(self.conn.clone().get(self.key(id)).await?)
+    }
+
+    /// Waits on the channel `AsyncResult.get()` listens to. Subscribes before it reads, so a
+    /// result stored between the two is seen by one or the other. A lost subscription ends the
+    /// wait early with a fresh read; the caller decides whether to wait again.
+    async fn wait_ready(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> crate::broker::BrokerResult<Option<String>> {
+        use futures_util::StreamExt as _;
+        let key = self.key(id);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(&key).await?;
+        let current = self.get(id).await?;
+        if current.as_deref().is_some_and(is_ready) || timeout.is_zero() {
+            return Ok(current);
+        }
+        let mut messages = pubsub.on_message();
+        while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, messages.next()).await {
+            if let Ok(text) = msg.get_payload::<String>()
+                && is_ready(&text)
+            {
+                return Ok(Some(text));
+            }
+        }
+        drop(messages);
+        self.get(id).await
     }
 }
 

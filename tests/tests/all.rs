@@ -5,6 +5,7 @@ mod cli;
 mod config;
 mod faults;
 mod hardening;
+mod http_api;
 mod interop;
 mod monitoring;
 mod sandbox;

@@ -133,7 +133,15 @@ async fn absurd_numbers_from_producers_and_tasks_never_strand_a_message() {
     assert_eq!(wait_state(&r, &retry, 10).await.0, "RETRY");
     let parent = send_hostile(&b, "hostile.child_to", json!(["celery", 1e16 as u64])).await;
     assert_eq!(wait_state(&r, &parent, 10).await.0, "SUCCESS");
-    let due: Vec<(String, f64)> = c.zrange_withscores("celeriac:scheduled", 0, -1).unwrap();
+    // The child is scheduled with the parent's ack, just after its SUCCESS is stored.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let due = loop {
+        let due: Vec<(String, f64)> = c.zrange_withscores("celeriac:scheduled", 0, -1).unwrap();
+        if due.len() >= 2 || std::time::Instant::now() > deadline {
+            break due;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(due.len(), 2, "both wait in the scheduled set");
     let eleven_years = (chrono::Utc::now().timestamp_millis() + 11 * 365 * 86_400_000) as f64;
     assert!(due.iter().all(|(_, at)| *at < eleven_years), "capped: {due:?}");

@@ -242,6 +242,11 @@ async fn a_python_worker_restores_what_a_dead_celeriac_worker_left_unacked() {
             .unwrap();
     let (state, meta) =
         celeriac::client::wait(&results, &id, Duration::from_secs(60)).await.unwrap();
+    // Celery stores the result first and acks after it: give the ack its moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.hlen::<_, u64>("unacked").unwrap() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _ = worker.kill();
     let _ = worker.wait();
     assert_eq!(state, "SUCCESS", "{meta:?}");

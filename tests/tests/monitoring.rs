@@ -487,9 +487,66 @@ async fn prometheus_scrapes_the_workers_metrics_with_its_token() {
     assert_eq!(got("celeriac_queue_length", &[("queue_name", "default")]), 2.0);
     assert_eq!(got("celeriac_dlq_length", &[("queue_name", "default")]), 2.0);
     assert!(got("celeriac_task_memory_peak_bytes_count", &[("name", "diagnostics.noop")]) >= 1.0);
+    // celeriac's producers stamp the send time: queue wait per task, and the oldest age.
+    assert_eq!(got("celeriac_task_queue_wait_seconds_count", &noop), 1.0);
+    let oldest = got("celeriac_oldest_message_age_seconds", &[("queue_name", "default")]);
+    assert!(oldest > 0.0 && oldest < 60.0, "{oldest}");
+
+    assert!(got("celeriac_task_instantiate_seconds_count", &[("name", "diagnostics.noop")]) >= 1.0);
+    assert_eq!(got("celeriac_broker_reconnects_total", &[]), 0.0);
+
+    // The slot back: the sleeper is stopped.
+    celeriac::control::broadcast_revoke(&b, std::slice::from_ref(&slow), true).await.unwrap();
+    let (state, _) = client::wait(&r, &slow, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(state, "REVOKED");
+
+    // A global rate limit of one a minute: the second task waits, and is counted waiting.
+    let set = celeriac::control::ask(
+        &b,
+        "rate_limit",
+        json!({"task_name": "diagnostics.fail", "rate_limit": "1/m"}),
+        None,
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    assert!(set.values().all(|r| r.get("ok").is_some()), "{set:?}");
+    let first = enqueue(&b, "diagnostics.fail", json!(["one"]), "default").await;
+    client::wait(&r, &first, Duration::from_secs(30)).await.unwrap();
+    enqueue(&b, "diagnostics.fail", json!(["two"]), "default").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let started = Instant::now();
+    let waits = loop {
+        let samples = parse_metrics(&scrape(Some("s3cret")).1);
+        let name = [("name", "diagnostics.fail")];
+        if let Some(n) = sample(&samples, "celeriac_task_rate_limit_wait_seconds_count", &name) {
+            break (n, sample(&samples, "celeriac_task_rate_limit_wait_seconds_sum", &name));
+        }
+        assert!(Instant::now() < deadline, "no rate-limit wait was counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(waits.0 >= 1.0 && waits.1.is_some_and(|s| s > 1.0), "{waits:?}");
+    eprintln!("the rate-limit wait was counted after {:?}", started.elapsed());
+
+    // Redis restarted: the worker fetches again and counts the reconnect.
+    // Down long enough that fetching fails, not just one command the connection retries.
+    let mut redis = redis;
+    redis.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, text) = scrape(Some("s3cret"));
+        assert_eq!(status, 200, "{text}");
+        let samples = parse_metrics(&text);
+        if sample(&samples, "celeriac_broker_reconnects_total", &[]).is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reconnect was counted: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Redis gone: not ready, still alive.
-    let mut redis = redis;
     redis.kill();
     assert_eq!(http(port, "GET", "/readyz", None).unwrap().0, 503);
     assert_eq!(http(port, "GET", "/healthz", None).unwrap().0, 200);
@@ -575,4 +632,218 @@ async fn celeriac_inspect_asks_celeriac_and_python_workers_alike() {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// A line reader over a child's stdout that gives up after a deadline instead of blocking.
+fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Reads `lines` until one satisfies `check`, for at most 30 s.
+fn until_line(lines: &std::sync::mpsc::Receiver<String>, what: &str, check: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if check(&line) => return,
+            Ok(_) => {}
+            Err(_) => panic!("no {what} within 30 s"),
+        }
+    }
+}
+
+/// `celeriac events` tails the workers' events, raw or as `celery events --dump` prints them;
+/// `celeriac status` shows each queue per priority with its oldest message's age and dead
+/// letters, and the live workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celeriac_events_and_status_show_the_broker_at_a_glance() {
+    let redis = RedisServer::start();
+    let cli = |args: &[&str]| {
+        let mut command = Command::new(celeriac_tests::celeriac_binary());
+        command
+            .args(args)
+            .current_dir(repo_root())
+            .env("CELERY_BROKER_URL", redis.url(0))
+            .env("CELERY_RESULT_BACKEND", redis.url(1))
+            .env("CELERIAC_CACHE", celeriac_tests::test_cache_dir())
+            .stdout(Stdio::piped());
+        command
+    };
+    let node = "celeriac@glance";
+    let mut worker =
+        worker_command(&redis, &["-n", node, "-Q", "default", "-c", "2"]).spawn().unwrap();
+    let mut raw_tail = cli(&["events", "--json"]).spawn().unwrap();
+    let mut dump_tail = cli(&["events"]).spawn().unwrap();
+    let (raw, dump) = (lines_of(&mut raw_tail), lines_of(&mut dump_tail));
+    // A heartbeat seen means the worker knows someone listens, so it sends task events.
+    for lines in [&raw, &dump] {
+        until_line(lines, "heartbeat", |l| {
+            l.contains("worker-heartbeat") || l.contains("worker heartbeat")
+        });
+    }
+    let b = broker(&redis, Duration::from_secs(30)).await;
+    let r = results(&redis).await;
+    let id = enqueue(&b, "diagnostics.noop", json!([3]), "default").await;
+    client::wait(&r, &id, Duration::from_secs(30)).await.unwrap();
+    until_line(&raw, "task-succeeded", |l| {
+        serde_json::from_str::<Value>(l).is_ok_and(|e| {
+            e["type"] == "task-succeeded" && e["uuid"] == id.as_str() && e["hostname"] == node
+        })
+    });
+    let described = format!("{node} ");
+    let succeeded = format!("task succeeded: diagnostics.noop({id}) args=(3,) kwargs={{}}");
+    until_line(&dump, "a dumped task-succeeded", |l| {
+        l.starts_with(&described) && l.contains(&succeeded)
+    });
+    for tail in [&mut raw_tail, &mut dump_tail] {
+        let _ = tail.kill();
+        let _ = tail.wait();
+    }
+
+    // Nothing consumes `celery` here: two messages wait there, at two priorities.
+    for priority in [0, 9] {
+        let opts = NewTask { priority: Some(priority), ..NewTask::default() };
+        client::enqueue(&b, "diagnostics.noop", &json!([]), &json!({}), "celery", &opts)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let out = cli(&["status"]).output().unwrap();
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let row = |first: &str| -> Vec<String> {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(first))
+            .unwrap_or_else(|| panic!("no {first} row:\n{text}"))
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    // QUEUE WAITING P0 P3 P6 P9 OLDEST DEAD
+    let celery = row("celery");
+    assert_eq!(&celery[1..6], ["2", "1", "0", "0", "1"], "{text}");
+    assert!(celery[6].ends_with('s') && celery[6] != "0s", "{text}");
+    assert_eq!(celery[7], "0", "{text}");
+    assert_eq!(row("default")[1], "0", "{text}");
+    // WORKER ACTIVE SLOTS PROCESSED QUEUES
+    assert_eq!(row(node)[1..], ["0", "2", "1", "default"], "{text}");
+}
+
+/// Headless Chromium (Debian's `chromium`) on `url`: the DOM once the page's scripts ran, and a
+/// screenshot saved to `target/test-artifacts/<shot>`.
+fn chromium(url: &str, shot: &str) -> String {
+    let artifacts = repo_root().join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let run = |extra: &[String]| {
+        // No sandbox (tests may run as root); no background traffic (the network is closed).
+        let out = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+            ])
+            .args([
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ])
+            .args(["--hide-scrollbars", "--window-size=1280,800", "--virtual-time-budget=5000"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(url)
+            .stderr(Stdio::null())
+            .output()
+            .expect("run chromium (apt-get install chromium)");
+        assert!(out.status.success(), "chromium failed on {url}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let png = artifacts.join(shot);
+    let _ = std::fs::remove_file(&png);
+    run(&[format!("--screenshot={}", png.display())]);
+    let image = std::fs::read(&png).unwrap_or_else(|e| panic!("no screenshot of {url}: {e}"));
+    assert!(image.starts_with(b"\x89PNG") && image.len() > 10_000, "{} is no page", png.display());
+    let dom = run(&["--dump-dom".to_string()]);
+    std::fs::write(png.with_extension("html"), &dom).unwrap();
+    dom
+}
+
+/// The words a page shows, tags removed and spaces squeezed.
+fn shown(dom: &str) -> String {
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in dom.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => {
+                in_tag = false;
+                text.push(' ');
+            }
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Flower's dashboard and worker page, rendered by a real browser, show a celeriac worker and
+/// what it ran; the screenshots stay in target/test-artifacts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flowers_pages_in_chromium_show_a_celeriac_worker() {
+    let redis = RedisServer::start();
+    let flower = Flower::start(&redis);
+    let node = "celeriac@dashboard";
+    let mut worker =
+        worker_command(&redis, &["-n", node, "-Q", "default", "-c", "2"]).spawn().unwrap();
+    flower.until("the worker online in Flower", 30, || {
+        (flower.get("/api/workers?status=true")[node] == true).then_some(())
+    });
+    let (b, r) = (broker(&redis, Duration::from_secs(30)).await, results(&redis).await);
+    let mut ids = Vec::new();
+    for n in 1..=3 {
+        ids.push(enqueue(&b, "diagnostics.noop", json!([n]), "default").await);
+    }
+    ids.push(enqueue(&b, "diagnostics.fail", json!(["boom"]), "default").await);
+    for id in &ids {
+        client::wait(&r, id, Duration::from_secs(30)).await.unwrap();
+    }
+    flower.until("the four tasks in Flower", 10, || {
+        let t = flower.get("/api/tasks");
+        ids.iter()
+            .all(|id| t[id]["state"] == "SUCCESS" || t[id]["state"] == "FAILURE")
+            .then_some(())
+    });
+    let base = format!("http://127.0.0.1:{}", flower.port);
+
+    let dom = chromium(&format!("{base}/"), "flower-dashboard.png");
+    let text = shown(&dom);
+    // The worker's row links to its page.
+    let link = format!("href=\"/worker/{}\"", node.replace('@', "%40"));
+    assert!(dom.contains(&link), "no {link} in the dashboard: {text}");
+    for seen in ["Online workers 1", "Succeeded 3", "Failed 1", "Online 0 4 1 3"] {
+        assert!(text.contains(seen), "the dashboard does not show {seen:?}: {text}");
+    }
+
+    let dom = chromium(&format!("{base}/worker/{node}"), "flower-worker.png");
+    let text = shown(&dom);
+    for seen in
+        [node, "Celeriac:wasm", "Max concurrency 2", "diagnostics.noop 3", "diagnostics.fail 1"]
+    {
+        assert!(text.contains(seen), "the worker page does not show {seen:?}: {text}");
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
 }

@@ -137,6 +137,9 @@ async fn task_runs_and_its_result_is_stored_in_celery_format() {
     assert_eq!(meta["result"], json!({"k": [1, 2]}));
     assert_eq!(meta["task_id"], id.as_str());
     assert!(meta["date_done"].as_str().unwrap().ends_with("+00:00"));
+    // The result is stored just before the ack: stopping waits for the ack to land.
+    let w = w.stop().await;
+    assert_eq!(w.stats.succeeded.load(Relaxed), 1);
     // Acked: nothing left unacked, nothing leased.
     let mut c = redis.client(0);
     assert_eq!(c.hlen::<_, u64>("unacked").unwrap(), 0);
@@ -146,8 +149,6 @@ async fn task_runs_and_its_result_is_stored_in_celery_format() {
         c.sismember::<_, _, bool>("_kombu.binding.celery", "default\x06\x16\x06\x16default")
             .unwrap()
     );
-    let w = w.stop().await;
-    assert_eq!(w.stats.succeeded.load(Relaxed), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,6 +340,8 @@ async fn retries_back_off_then_dead_letter_when_exhausted() {
         text.starts_with(&format!("Can't retry diagnostics.flaky[{doomed}] args:[10]")),
         "{text}"
     );
+    // Stopped first: the dead letter goes with the ack, just after the FAILURE is stored.
+    let w = w.stop().await;
     let letters = client::dlq_list(&b, "default", 10).await.unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0]["reason"], "retries_exhausted");
@@ -347,7 +350,6 @@ async fn retries_back_off_then_dead_letter_when_exhausted() {
     // The dead letter holds the message as it was last delivered: same id, retries = 3.
     let original = protocol::decode(letters[0]["message"].as_str().unwrap().as_bytes()).unwrap();
     assert_eq!((original.id.as_str(), original.retries), (doomed.as_str(), 3));
-    let w = w.stop().await;
     assert_eq!(w.stats.retried.load(Relaxed), 2 + 3);
 
     // Replay puts it back with its retries reset; purge empties the list.

@@ -372,6 +372,19 @@ impl ResultStore for MemoryBroker {
     async fn get(&self, id: &str) -> BrokerResult<Option<String>> {
         Ok(self.lock().results.get(id).cloned())
     }
+
+    async fn wait_ready(&self, id: &str, timeout: Duration) -> BrokerResult<Option<String>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let current = self.get(id).await?;
+            if current.as_deref().is_some_and(crate::results::is_ready)
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(current);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// Which of `ids` are in `set` with an expiry still ahead.

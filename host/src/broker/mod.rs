@@ -291,6 +291,14 @@ pub trait ResultStore: Clone + Send + Sync + 'static {
     fn store(&self, results: &[&StoredResult]) -> impl Future<Output = BrokerResult<()>> + Send;
     /// A task's stored meta JSON; `None` while PENDING.
     fn get(&self, id: &str) -> impl Future<Output = BrokerResult<Option<String>>> + Send;
+    /// Waits up to `timeout` for the task to be ready (SUCCESS, FAILURE or REVOKED); returns
+    /// the meta stored then, which may still be unready when the time ran out. It may return
+    /// early with an unready meta (a lost connection); callers loop.
+    fn wait_ready(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = BrokerResult<Option<String>>> + Send;
 }
 
 #[cfg(test)]

@@ -502,6 +502,42 @@ impl RedisBroker {
         }
     }
 
+    /// Messages waiting on `queue` per priority step (0, 3, 6, 9), in one round trip.
+    pub async fn queue_depths(&self, queue: &str) -> BrokerResult<Vec<(u8, u64)>> {
+        let mut pipe = redis::pipe();
+        for step in PRIORITY_STEPS {
+            pipe.llen(self.key(&priority_list(queue, step)));
+        }
+        let lens: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(PRIORITY_STEPS.into_iter().zip(lens).collect())
+    }
+
+    /// Seconds the oldest message waiting on `queue` has waited: the longest of each priority
+    /// list's next message (kombu pushes on the left and takes from the right). `None` when the
+    /// queue is empty or that message has no `sent_at` (Celery's producers do not stamp one).
+    pub async fn oldest_age(&self, queue: &str) -> BrokerResult<Option<f64>> {
+        #[derive(serde::Deserialize)]
+        struct Envelope {
+            properties: Properties,
+        }
+        #[derive(serde::Deserialize)]
+        struct Properties {
+            sent_at: Option<f64>,
+        }
+        let mut pipe = redis::pipe();
+        for step in PRIORITY_STEPS {
+            pipe.lindex(self.key(&priority_list(queue, step)), -1);
+        }
+        let heads: Vec<Option<Vec<u8>>> = pipe.query_async(&mut self.conn.clone()).await?;
+        let now = now_secs();
+        Ok(heads
+            .iter()
+            .flatten()
+            .filter_map(|raw| serde_json::from_slice::<Envelope>(raw).ok()?.properties.sent_at)
+            .map(|sent| (now - sent).max(0.0))
+            .reduce(f64::max))
+    }
+
     /// The URL it was connected with.
     pub fn url(&self) -> &str {
         &self.url
@@ -824,12 +860,7 @@ impl Broker for RedisBroker {
     }
 
     async fn queue_len(&self, queue: &str) -> BrokerResult<u64> {
-        let mut pipe = redis::pipe();
-        for step in PRIORITY_STEPS {
-            pipe.llen(self.key(&priority_list(queue, step)));
-        }
-        let lens: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await?;
-        Ok(lens.iter().sum())
+        Ok(self.queue_depths(queue).await?.iter().map(|(_, n)| n).sum())
     }
 
     async fn scheduled_len(&self) -> BrokerResult<u64> {
