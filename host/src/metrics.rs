@@ -28,7 +28,8 @@ use crate::lifecycle::{Stage, Subscriber, TaskEvent};
 use prometheus::{
     Encoder as _, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 
 /// The stages counted by name, hostname and queue alone.
 const STAGES: [&str; 6] = ["received", "started", "succeeded", "retried", "revoked", "rejected"];
@@ -58,6 +59,9 @@ pub struct Metrics {
     queue_length: IntGaugeVec,
     dlq_length: IntGaugeVec,
     oldest_age: GaugeVec,
+    /// The series of each (task name, queue), looked up in the families once: a task's
+    /// lifecycle writes six of them, and a family lookup hashes every label each time.
+    series: RwLock<HashMap<String, HashMap<String, Arc<Series>>>>,
 }
 
 /// What the scrape reads from Redis and the worker.
@@ -209,7 +213,28 @@ impl Metrics {
             queue_length,
             dlq_length,
             oldest_age,
+            series: RwLock::default(),
         })
+    }
+
+    /// The series of task `name` on `queue`.
+    fn series(&self, name: &str, queue: &str) -> Arc<Series> {
+        let cached = self.series.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = cached.get(name).and_then(|q| q.get(queue)) {
+            return s.clone();
+        }
+        drop(cached);
+        let labels = [name, self.hostname.as_str(), queue];
+        let series = Arc::new(Series {
+            stages: std::array::from_fn(|i| self.stages[i].with_label_values(&labels)),
+            runtime: self.runtime.with_label_values(&labels),
+            queue_wait: self.queue_wait.with_label_values(&labels),
+            memory_peak: self.memory_peak.with_label_values(&[name]),
+            instantiate: self.instantiate.with_label_values(&[name]),
+        });
+        let mut cached = self.series.write().unwrap_or_else(|p| p.into_inner());
+        cached.entry(name.to_string()).or_default().insert(queue.to_string(), series.clone());
+        series
     }
 
     /// Marks the worker up or down.
@@ -249,10 +274,20 @@ impl Metrics {
     }
 }
 
+/// The series one task name on one queue writes as it goes through the worker.
+struct Series {
+    /// In `STAGES` order.
+    stages: [prometheus::IntCounter; 6],
+    runtime: prometheus::Histogram,
+    queue_wait: prometheus::Histogram,
+    memory_peak: prometheus::Histogram,
+    instantiate: prometheus::Histogram,
+}
+
 impl Subscriber for Metrics {
     fn on_task(&self, e: &TaskEvent<'_>) {
         let name = e.task.map_or(UNREGISTERED, |t| self.name(&t.task));
-        let labels = [name, self.hostname.as_str(), e.queue];
+        let series = self.series(name, e.queue);
         match e.stage {
             Stage::RateLimited { wait } => {
                 self.rate_limit_wait.with_label_values(&[name]).observe(wait.as_secs_f64());
@@ -269,20 +304,20 @@ impl Subscriber for Metrics {
             }
             stage => {
                 if let Some(i) = STAGES.iter().position(|s| *s == stage.name()) {
-                    self.stages[i].with_label_values(&labels).inc();
+                    series.stages[i].inc();
                 }
                 if let (Stage::Started, Some(wait)) =
                     (stage, e.task.and_then(|t| t.queue_wait(chrono::Utc::now())))
                 {
-                    self.queue_wait.with_label_values(&labels).observe(wait);
+                    series.queue_wait.observe(wait);
                 }
             }
         }
         if let Some(report) = e.report {
-            self.runtime.with_label_values(&labels).observe(report.wall.as_secs_f64());
-            self.memory_peak.with_label_values(&[name]).observe(report.peak_memory as f64);
+            series.runtime.observe(report.wall.as_secs_f64());
+            series.memory_peak.observe(report.peak_memory as f64);
             if let Some(took) = report.instantiate {
-                self.instantiate.with_label_values(&[name]).observe(took.as_secs_f64());
+                series.instantiate.observe(took.as_secs_f64());
             }
             if let Some(fuel) = report.fuel_used {
                 self.fuel.with_label_values(&[name]).inc_by(fuel);
