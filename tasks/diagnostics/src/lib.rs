@@ -1,5 +1,6 @@
-//! Diagnostic tasks: `noop`, `sleep`, `spin`, `fail` and `flaky`, for smoke tests, benchmarks
-//! and the Celery interop tests.
+//! Diagnostic tasks: `noop`, `add`, `tsum`, `sleep`, `spin`, `fail` and `flaky`, for smoke
+//! tests, benchmarks and the Celery interop tests (`add` and `tsum` are the steps and chord
+//! bodies of the workflow tests).
 //!
 //! Built with the workspace (`cargo build`); run one with
 //! `celeriac run diagnostics.noop --args '[42]'`.
@@ -13,6 +14,21 @@ task! {
     #[task(name = "diagnostics.noop", queue = "default")]
     pub fn noop(_cx: &Context, x: Value) -> TaskResult<Value> {
         Ok(x)
+    }
+
+    /// `x + y`, as Celery's canonical `add` (a chain step gets the previous result as `x`).
+    #[task(name = "diagnostics.add", queue = "default")]
+    pub fn add(_cx: &Context, x: i64, y: i64) -> TaskResult<i64> {
+        x.checked_add(y).ok_or_else(|| TaskError::invalid(format!("{x} + {y} overflows")))
+    }
+
+    /// The sum of a list, as a chord body gets its parts' results.
+    #[task(name = "diagnostics.tsum", queue = "default")]
+    pub fn tsum(_cx: &Context, values: Vec<i64>) -> TaskResult<i64> {
+        values
+            .iter()
+            .try_fold(0i64, |sum, v| sum.checked_add(*v))
+            .ok_or_else(|| TaskError::invalid("the sum overflows"))
     }
 
     /// Sleeps for `ms` milliseconds (a task that waits), returning early when cancelled.
@@ -86,7 +102,7 @@ fn busy_work(seed: u64) -> u32 {
 }
 
 #[cfg(target_arch = "wasm32")]
-celeriac_sdk::export_tasks!(noop, sleep, spin, fail, flaky);
+celeriac_sdk::export_tasks!(noop, add, tsum, sleep, spin, fail, flaky);
 
 #[cfg(test)]
 mod tests {
@@ -100,6 +116,15 @@ mod tests {
     #[test]
     fn noop_returns_its_argument() {
         assert_eq!(noop(&cx(0), json!({"a": [1, 2]})).unwrap(), json!({"a": [1, 2]}));
+    }
+
+    #[test]
+    fn add_and_tsum_add_up_and_refuse_to_overflow() {
+        assert_eq!(add(&cx(0), 2, 3).unwrap(), 5);
+        assert!(add(&cx(0), i64::MAX, 1).is_err());
+        assert_eq!(tsum(&cx(0), vec![1, 2, 3]).unwrap(), 6);
+        assert_eq!(tsum(&cx(0), vec![]).unwrap(), 0);
+        assert!(tsum(&cx(0), vec![i64::MAX, 1]).is_err());
     }
 
     #[test]
