@@ -28,6 +28,7 @@
 
 pub mod api;
 pub mod broker;
+pub mod canvas;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -3,6 +3,7 @@
 //! message that is not a well-formed v2 task is a [`Poison`] with the reason, so the worker can
 //! dead-letter it untouched.
 
+use crate::canvas::Workflow;
 use crate::repr;
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -34,6 +35,9 @@ pub enum Poison {
     /// The body is not `[args, kwargs, embed]`.
     #[error("body is not [args, kwargs, embed]: {0}")]
     BadBody(String),
+    /// The body's third element (`callbacks`, `errbacks`, `chain`, `chord`) is not a workflow.
+    #[error("bad workflow in the body's third element: {0}")]
+    BadWorkflow(String),
     /// A header has the wrong type or format.
     #[error("bad header {0}: {1}")]
     BadHeader(&'static str, String),
@@ -49,6 +53,7 @@ impl Poison {
             Poison::BadBase64(_) => "bad_base64",
             Poison::UnknownProtocol(_) => "unknown_protocol",
             Poison::BadBody(_) => "bad_body",
+            Poison::BadWorkflow(_) => "bad_workflow",
             Poison::BadHeader(..) => "bad_header",
         }
     }
@@ -80,13 +85,15 @@ pub struct TaskMessage {
     pub parent_id: Option<String>,
     /// The group, if any.
     pub group: Option<String>,
+    /// Its place in the group (a chord's results come back in this order).
+    pub group_index: Option<u64>,
     /// `[hard, soft]` time limits in seconds from the producer.
     pub time_limits: (Option<f64>, Option<f64>),
     /// Whether the producer asked not to store the result.
     pub ignore_result: bool,
-    /// The parts of the body's workflow (`callbacks`, `errbacks`, `chain`, `chord`) that are
-    /// set: celeriac does not run them yet, and says so rather than drop them silently.
-    pub workflow: Vec<&'static str>,
+    /// What follows the task (`link`, `link_error`, the rest of a chain, a chord), from the
+    /// body's third element; `None` when nothing does.
+    pub workflow: Option<Box<Workflow>>,
     /// When a celeriac producer sent it (Unix seconds, the `sent_at` property); Celery's own
     /// producers do not record it.
     pub sent_at: Option<f64>,
@@ -109,6 +116,12 @@ pub struct NewTask {
     pub parent_id: Option<String>,
     /// The workflow root, for children.
     pub root_id: Option<String>,
+    /// The group it belongs to.
+    pub group: Option<String>,
+    /// Its place in that group.
+    pub group_index: Option<u64>,
+    /// What follows it.
+    pub workflow: Option<Workflow>,
 }
 
 fn decode_kombu_types(v: Value) -> Value {
@@ -179,6 +192,8 @@ struct RawHeaders<'a> {
     #[serde(borrow)]
     group: Raw<'a>,
     #[serde(borrow)]
+    group_index: Raw<'a>,
+    #[serde(borrow)]
     ignore_result: Raw<'a>,
 }
 
@@ -197,7 +212,7 @@ struct RawProperties<'a> {
 /// The body `[args, kwargs, embed]` as JSON texts. The common case (no kombu-typed values) is
 /// checked and cut without building a tree; a body with `__type__` tags is rewritten to plain
 /// values first.
-fn split_body(body: &[u8]) -> Result<(String, String, Vec<&'static str>), Poison> {
+fn split_body(body: &[u8]) -> Result<(String, String, Option<Box<Workflow>>), Poison> {
     let bad = |e: serde_json::Error| Poison::BadBody(format!("not JSON: {e}"));
     let shape = || Poison::BadBody("args must be a list and kwargs an object".into());
     if memchr_str(body, b"__type__") {
@@ -216,8 +231,8 @@ fn split_body(body: &[u8]) -> Result<(String, String, Vec<&'static str>), Poison
         if !args.is_array() || !kwargs.is_object() {
             return Err(shape());
         }
-        let embed = embed.map(|e| e.to_string()).unwrap_or_default();
-        return Ok((args.to_string(), kwargs.to_string(), workflow_parts(&embed)));
+        let workflow = workflow(&embed.unwrap_or_default())?;
+        return Ok((args.to_string(), kwargs.to_string(), workflow));
     }
     let parts: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
@@ -230,7 +245,13 @@ fn split_body(body: &[u8]) -> Result<(String, String, Vec<&'static str>), Poison
             if !args.get().starts_with('[') || !kwargs.get().starts_with('{') {
                 return Err(shape());
             }
-            let workflow = rest.first().map_or_else(Vec::new, |e| workflow_parts(e.get()));
+            let workflow = match rest.first() {
+                Some(embed) if !nothing_follows(embed.get()) => {
+                    let embed = serde_json::from_str(embed.get()).map_err(bad)?;
+                    workflow(&embed)?
+                }
+                _ => None,
+            };
             Ok((args.get().to_string(), kwargs.get().to_string(), workflow))
         }
         _ => {
@@ -239,9 +260,15 @@ fn split_body(body: &[u8]) -> Result<(String, String, Vec<&'static str>), Poison
     }
 }
 
-/// Which workflow parts of a body's third element (`{"callbacks": ..., "errbacks": ...,
-/// "chain": ..., "chord": ...}`) are set; none for anything else.
-fn workflow_parts(embed: &str) -> Vec<&'static str> {
+/// The workflow in a body's third element; a malformed one makes the message poison, since
+/// running the task while dropping what follows it would pass over it silently.
+fn workflow(embed: &Value) -> Result<Option<Box<Workflow>>, Poison> {
+    Workflow::parse(embed).map(|w| w.map(Box::new)).map_err(|e| Poison::BadWorkflow(e.to_string()))
+}
+
+/// Whether a body's third element is the usual all-null one (or empty), checked without
+/// building a tree: this runs for every message.
+fn nothing_follows(embed: &str) -> bool {
     #[derive(serde::Deserialize, Default)]
     #[serde(default)]
     struct Embed<'a> {
@@ -254,13 +281,9 @@ fn workflow_parts(embed: &str) -> Vec<&'static str> {
         #[serde(borrow)]
         chord: Option<&'a RawValue>,
     }
-    let Ok(e) = serde_json::from_str::<Embed<'_>>(embed) else { return Vec::new() };
-    let set = |v: Option<&RawValue>| v.is_some_and(|v| !matches!(v.get(), "null" | "[]" | "{}"));
-    [("link", e.callbacks), ("link_error", e.errbacks), ("chain", e.chain), ("chord", e.chord)]
-        .into_iter()
-        .filter(|(_, v)| set(*v))
-        .map(|(name, _)| name)
-        .collect()
+    let Ok(e) = serde_json::from_str::<Embed<'_>>(embed) else { return embed.trim() == "null" };
+    let unset = |v: Option<&RawValue>| v.is_none_or(|v| matches!(v.get(), "null" | "[]"));
+    unset(e.callbacks) && unset(e.errbacks) && unset(e.chain) && unset(e.chord)
 }
 
 fn memchr_str(haystack: &[u8], needle: &[u8]) -> bool {
@@ -378,6 +401,7 @@ pub fn decode(raw: &[u8]) -> Result<TaskMessage, Poison> {
         root_id: opt_str(headers.root_id, "root_id")?,
         parent_id: opt_str(headers.parent_id, "parent_id")?,
         group: opt_str(headers.group, "group")?,
+        group_index: field(headers.group_index).and_then(|v| v.as_u64()),
         time_limits,
         ignore_result: field(headers.ignore_result).and_then(|v| v.as_bool()).unwrap_or(false),
         workflow,
@@ -435,8 +459,11 @@ pub fn encode(
     opts: &NewTask,
 ) -> (String, String) {
     let id = opts.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let body =
-        json!([args, kwargs, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]);
+    let embed = match &opts.workflow {
+        Some(w) => w.embed(),
+        None => json!({"callbacks": null, "errbacks": null, "chain": null, "chord": null}),
+    };
+    let body = json!([args, kwargs, embed]);
     let headers = json!({
         "lang": "py",
         "task": name,
@@ -444,8 +471,8 @@ pub fn encode(
         "shadow": null,
         "eta": opts.eta.map(format_time),
         "expires": opts.expires.map(format_time),
-        "group": null,
-        "group_index": null,
+        "group": opts.group,
+        "group_index": opts.group_index,
         "retries": 0,
         "timelimit": [null, null],
         "root_id": opts.root_id.clone().unwrap_or_else(|| id.clone()),

@@ -30,6 +30,14 @@ pub struct Registry {
 #[error("unknown task {0:?}: no loaded module serves it")]
 pub struct UnknownTask(pub String);
 
+/// A task's queue is the one its spec gives; a task nobody here serves goes to Celery's default
+/// queue, `celery`.
+impl crate::canvas::Router for Registry {
+    fn queue_for(&self, name: &str) -> String {
+        self.get(name).map(|e| e.spec.queue.clone()).unwrap_or_else(|_| "celery".into())
+    }
+}
+
 impl Registry {
     /// Builds the runtime for `config`, loads every module in its modules folder and resolves each
     /// task. `max_instances` is the most tasks that will run at once.

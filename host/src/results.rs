@@ -31,6 +31,41 @@ end
 return 0
 "#;
 
+/// A chord's join, Celery 5.7's algorithm, so Python 5.6 and 5.7 workers and celeriac can share
+/// one chord. KEYS: `.j` (ZSET of entries scored by `group_index`), `.t` (extra parts from
+/// `add_to_chord`), `.s` (the size the client set), `.d` (parts already recorded, `id:score`),
+/// `.c` (who sends the body; then `done`). ARGV: part id, score, entry, expiry seconds.
+/// Returns `{-1}` when the chord is done, `{0}` while it waits or another part claimed it, and
+/// `{1, entries}` to the part that completes and claims it.
+const CHORD_JOIN: &str = r#"
+local claim = redis.call('GET', KEYS[5])
+if claim == 'done' then return {-1} end
+local seen = ARGV[1] .. ':' .. ARGV[2]
+if redis.call('SISMEMBER', KEYS[4], seen) == 0 then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+  redis.call('SADD', KEYS[4], seen)
+end
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+local count = redis.call('ZCOUNT', KEYS[1], '-inf', '+inf')
+local size = tonumber(redis.call('GET', KEYS[3]) or '')
+local extra = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if not size or count < size + extra then return {0} end
+if claim and claim ~= ARGV[1] then return {0} end
+redis.call('SET', KEYS[5], ARGV[1], 'EX', math.max(ttl, 86400))
+return {1, redis.call('ZRANGE', KEYS[1], 0, -1)}
+"#;
+
+/// Ends a chord claimed by ARGV[1]: deletes its join, marks it done for ARGV[2] seconds.
+const CHORD_DONE: &str = r#"
+if redis.call('GET', KEYS[5]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('SET', KEYS[5], 'done', 'EX', math.max(tonumber(ARGV[2]), 300))
+return 1
+"#;
+
 /// Celery's result backend puts its `global_keyprefix` before every key with a `_` in between,
 /// unless the prefix already ends in one of `:_-.`.
 pub fn key_prefix(prefix: &str) -> String {
@@ -59,6 +94,8 @@ pub struct ResultBackend {
     prefix: String,
     expires: Duration,
     store_script: redis::Script,
+    chord_join: redis::Script,
+    chord_done: redis::Script,
 }
 
 impl std::fmt::Debug for ResultBackend {
@@ -87,12 +124,20 @@ impl ResultBackend {
             prefix: key_prefix(prefix),
             expires,
             store_script: redis::Script::new(STORE),
+            chord_join: redis::Script::new(CHORD_JOIN),
+            chord_done: redis::Script::new(CHORD_DONE),
         })
     }
 
     /// The key of a task's result.
     pub fn key(&self, id: &str) -> String {
         format!("{}celery-task-meta-{id}", self.prefix)
+    }
+
+    /// The five keys of a chord's join, in the order the chord scripts take them.
+    fn chord_keys(&self, group_id: &str) -> [String; 5] {
+        let group = format!("{}celery-taskset-meta-{group_id}", self.prefix);
+        [".j", ".t", ".s", ".d", ".c"].map(|suffix| format!("{group}{suffix}"))
     }
 
     fn sent_key(&self, id: &str) -> String {
@@ -223,6 +268,50 @@ impl crate::broker::ResultStore for ResultBackend {
         }
         drop(messages);
         self.get(id).await
+    }
+
+    async fn chord_join(
+        &self,
+        part: &crate::canvas::ChordPart,
+    ) -> crate::broker::BrokerResult<Option<Vec<serde_json::Value>>> {
+        let mut inv = self.chord_join.prepare_invoke();
+        for key in self.chord_keys(&part.group_id) {
+            inv.key(key);
+        }
+        let score = part.index.map_or_else(|| "+inf".to_string(), |i| i.to_string());
+        inv.arg(&part.task_id).arg(score).arg(part.entry()).arg(self.expires.as_secs());
+        let reply: redis::Value = inv.invoke_async(&mut self.conn.clone()).await?;
+        let redis::Value::Array(reply) = reply else { return Ok(None) };
+        if !matches!(reply.first(), Some(redis::Value::Int(1))) {
+            return Ok(None);
+        }
+        let entries: Vec<String> = match reply.get(1) {
+            Some(entries) => redis::from_redis_value(entries)?,
+            None => Vec::new(),
+        };
+        // An entry that is not JSON (written by something else) reads as a failed part, so the
+        // chord errs rather than runs its body on a result it cannot see.
+        Ok(Some(
+            entries
+                .iter()
+                .map(|e| {
+                    serde_json::from_str(e).unwrap_or_else(|_| {
+                        serde_json::json!([1, "?", "FAILURE", {"exc_type": "DecodeError",
+                            "exc_message": [format!("unreadable chord entry {e:?}")]}])
+                    })
+                })
+                .collect(),
+        ))
+    }
+
+    async fn chord_done(&self, group_id: &str, claimer: &str) -> crate::broker::BrokerResult<()> {
+        let mut inv = self.chord_done.prepare_invoke();
+        for key in self.chord_keys(group_id) {
+            inv.key(key);
+        }
+        inv.arg(claimer).arg(self.expires.as_secs());
+        let _: i64 = inv.invoke_async(&mut self.conn.clone()).await?;
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! celeriac's integration tests, one module per concern.
 
 mod broker;
+mod canvas;
 mod cli;
 mod config;
 mod faults;

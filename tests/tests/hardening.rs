@@ -460,30 +460,46 @@ async fn ignore_result_stores_no_state_whatever_the_task_ends_as() {
     assert_eq!((ran(&w.stats.succeeded), ran(&w.stats.failed)), (2, 1), "all three ran");
 }
 
+/// A workflow the worker cannot follow is never passed over: a malformed one makes the message
+/// poison before it runs, and a step celeriac cannot send (Celery's `chunks`) leaves the task's
+/// own result, a FAILURE that says why at the next step's id, and a dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_workflow_the_worker_does_not_follow_is_counted_not_passed_over() {
+async fn a_workflow_the_worker_cannot_follow_is_failed_and_dead_lettered_not_dropped() {
     use base64::Engine as _;
     let redis = RedisServer::start();
     let mut c = redis.client(0);
-    let link = json!({"task": "diagnostics.noop", "args": [2], "kwargs": {}, "options": {}});
-    let mut with_link = Vec::new();
-    for embed in [
-        json!({"callbacks": [link], "errbacks": null, "chain": null, "chord": null}),
-        json!({"callbacks": null, "errbacks": null, "chain": [link], "chord": null}),
-    ] {
-        let body = json!([[1], {}, embed]).to_string();
-        let body = base64::engine::general_purpose::STANDARD.encode(body);
-        with_link.push(push_raw_body(&mut c, "diagnostics.noop", &body));
-    }
-    let plain = push_raw(&mut c, "diagnostics.noop", json!([3]), json!({}));
+    let encode = |body: Value| base64::engine::general_purpose::STANDARD.encode(body.to_string());
+    let malformed = push_raw_body(
+        &mut c,
+        "diagnostics.noop",
+        &encode(json!([[1], {}, {"callbacks": "diagnostics.noop", "chain": null}])),
+    );
+    let chunks = json!({"task": "celery.chunks", "args": [], "subtask_type": "chunks",
+        "kwargs": {"task": {"task": "diagnostics.add"}, "it": [[1, 1]], "n": 1},
+        "options": {"task_id": "next-step"}, "immutable": false});
+    let unsendable = push_raw_body(
+        &mut c,
+        "diagnostics.noop",
+        &encode(json!([[2], {}, {"callbacks": null, "chain": [chunks], "chord": null}])),
+    );
     let w = start(&redis, config(|_| {}), 2, LEASE).await;
     let r = results(&redis).await;
-    for id in with_link.iter().chain([&plain]) {
-        assert_eq!(wait_state(&r, id, 10).await.0, "SUCCESS", "the task itself runs");
-    }
+    let (state, meta) = wait_state(&r, &unsendable, 10).await;
+    assert_eq!((state.as_str(), &meta["result"]), ("SUCCESS", &json!(2)), "the task itself ran");
+    let (state, meta) = wait_state(&r, "next-step", 10).await;
+    let result = &meta["result"];
+    assert_eq!(state, "FAILURE");
+    assert_eq!(result["exc_type"], "WorkflowError");
+    assert!(result["exc_message"][0].as_str().unwrap().contains("\"chunks\""), "{result}");
     let w = w.stop().await;
-    assert_eq!(w.stats.workflow_ignored.load(std::sync::atomic::Ordering::Relaxed), 2);
-    assert!(w.stats.to_string().contains("2 with a workflow not followed"), "{}", w.stats);
+    assert_eq!(w.stats.poisoned.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let b = broker(&redis, LEASE).await;
+    let letters = client::dlq_list(&b, "default", 10).await.unwrap();
+    let kept = |id: &str| letters.iter().find(|l| l["message"].as_str().unwrap().contains(id));
+    let poison = kept(&malformed).unwrap();
+    assert_eq!(poison["reason"], "bad_workflow", "{letters:?}");
+    assert!(poison["error"].as_str().unwrap().contains("callbacks is not a list"), "{poison}");
+    assert_eq!(kept(&unsendable).unwrap()["reason"], "workflow", "{letters:?}");
 }
 
 /// A Celery message for `task` whose (base64) body is `body`, pushed raw onto `default`.
@@ -497,8 +513,15 @@ fn push_raw_body(c: &mut redis::Connection, task: &str, body: &str) -> String {
 }
 
 /// Every poison kind a mutated message can be, so the randomized tests show they reach them.
-const POISON_KINDS: &[&str] =
-    &["bad_json", "content_type", "bad_base64", "unknown_protocol", "bad_body", "bad_header"];
+const POISON_KINDS: &[&str] = &[
+    "bad_json",
+    "content_type",
+    "bad_base64",
+    "unknown_protocol",
+    "bad_body",
+    "bad_workflow",
+    "bad_header",
+];
 
 /// Thousands of mutations of a real Celery message through the decoder: each one either decodes
 /// to a task whose retry decodes again, or is poison with a reason. None panics.

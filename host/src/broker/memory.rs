@@ -385,6 +385,23 @@ impl ResultStore for MemoryBroker {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+
+    /// Chords are joined in the Redis result backend, where Celery's client sets their size;
+    /// nothing can set it in an in-process broker, so a chord part here says so.
+    async fn chord_join(
+        &self,
+        part: &crate::canvas::ChordPart,
+    ) -> BrokerResult<Option<Vec<serde_json::Value>>> {
+        tracing::warn!(
+            group = %crate::runtime::printable(&part.group_id),
+            "the in-memory broker does not join chords: this chord's body will not run"
+        );
+        Ok(None)
+    }
+
+    async fn chord_done(&self, _group_id: &str, _claimer: &str) -> BrokerResult<()> {
+        Ok(())
+    }
 }
 
 /// Which of `ids` are in `set` with an expiry still ahead.

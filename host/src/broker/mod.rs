@@ -299,6 +299,24 @@ pub trait ResultStore: Clone + Send + Sync + 'static {
         id: &str,
         timeout: Duration,
     ) -> impl Future<Output = BrokerResult<Option<String>>> + Send;
+
+    /// Records a chord header part in its chord's join, once per part however often it is
+    /// recorded. When this part completes the chord, claims sending the body for it and returns
+    /// the join's entries (`[1, id, state, result]`) in `group_index` order; otherwise (the
+    /// chord still waits, another part claimed it, it is done) `None`. The claim is held in the
+    /// part's own id, so the same part, run again after a crash before its ack, claims again.
+    fn chord_join(
+        &self,
+        part: &crate::canvas::ChordPart,
+    ) -> impl Future<Output = BrokerResult<Option<Vec<serde_json::Value>>>> + Send;
+
+    /// Marks a chord done after what completing it sent was acked with the part that claimed
+    /// it: its join is deleted, and a late duplicate of a part finds it done.
+    fn chord_done(
+        &self,
+        group_id: &str,
+        claimer: &str,
+    ) -> impl Future<Output = BrokerResult<()>> + Send;
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 mod node;
 
 use crate::broker::{Broker, Delivery, FollowUp, ResultStore, now_ms};
+use crate::canvas::{self, Router as _};
 use crate::events::CeleryEvents;
 use crate::kv::KvStore;
 use crate::lifecycle::{Failure, Lifecycle, Revoked, Stage, Subscriber, TaskEvent};
@@ -91,9 +92,6 @@ pub struct Stats {
     pub fetches: AtomicU64,
     /// Messages fetched.
     pub fetched: AtomicU64,
-    /// Messages whose link, link_error, chain or chord was not followed (celeriac does not run
-    /// workflows yet).
-    pub workflow_ignored: AtomicU64,
     /// Times fetching resumed after Redis did not answer.
     pub reconnects: AtomicU64,
 }
@@ -104,15 +102,14 @@ impl std::fmt::Display for Stats {
         write!(
             f,
             "{} runs succeeded, {} failed, {} retries, {} revoked, {} dead-lettered unrun \
-             ({} messages in {} fetches; {} with a workflow not followed)",
+             ({} messages in {} fetches)",
             n(&self.succeeded),
             n(&self.failed),
             n(&self.retried),
             n(&self.revoked),
             n(&self.poisoned),
             n(&self.fetched),
-            n(&self.fetches),
-            n(&self.workflow_ignored)
+            n(&self.fetches)
         )
     }
 }
@@ -148,6 +145,28 @@ struct Settlement {
     delivery: Option<Delivery>,
     results: Vec<StoredResult>,
     then: Vec<FollowUp>,
+    /// Chord header parts among `results`, joined after they are stored.
+    chords: Vec<canvas::ChordPart>,
+}
+
+/// What joining a batch's chord parts adds: per settlement, its follow-ups with what completing
+/// a chord sends (`None`: unchanged), and the chords completed, with the part that claimed each.
+struct Joined {
+    then: Vec<Option<Vec<FollowUp>>>,
+    completed: Vec<(String, String)>,
+}
+
+/// A chord whose body cannot be sent (a body celeriac cannot follow): the body's id gets a
+/// FAILURE that says why, rather than wait for ever.
+fn chord_body_failed(part: &canvas::ChordPart, e: &canvas::CanvasError) -> Option<StoredResult> {
+    let id = part.body["options"]["task_id"].as_str()?;
+    let error = format!("the chord's body cannot be sent: {e}");
+    tracing::error!(group = %printable(&part.group_id), "{error}");
+    let exception = protocol::exception("WorkflowError", &error);
+    Some(StoredResult {
+        id: id.to_string(),
+        meta: protocol::result_meta(id, states::FAILURE, exception, None, &[]),
+    })
 }
 
 /// Most messages settled in one round trip pair (results, then acks).
@@ -223,8 +242,9 @@ struct Admission {
 
 /// What became of one message.
 enum Disposition {
-    /// Store these results, then ack together with these broker commands.
-    Finish { results: Vec<StoredResult>, then: Vec<FollowUp> },
+    /// Store these results, join these chord parts, then ack together with these broker
+    /// commands (and what completing a chord sends).
+    Finish { results: Vec<StoredResult>, then: Vec<FollowUp>, chords: Vec<canvas::ChordPart> },
     /// Leave the message unacked: the worker is shutting down and it goes back to its queue.
     Requeue,
 }
@@ -499,8 +519,8 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         };
         match disposition {
             Disposition::Requeue => {}
-            Disposition::Finish { results, then } => {
-                self.to_settler(Settlement { delivery: Some(d), results, then }).await
+            Disposition::Finish { results, then, chords } => {
+                self.to_settler(Settlement { delivery: Some(d), results, then, chords }).await
             }
         }
     }
@@ -533,17 +553,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             task.name = %printable(&msg.task)
         );
         let ignored = msg.ignore_result.then(|| msg.id.clone());
-        if !msg.workflow.is_empty() {
-            // Until celeriac runs workflows, a message that carries one is not passed as if all
-            // were well: the task runs, and what follows it does not.
-            self.stats.workflow_ignored.fetch_add(1, Ordering::Relaxed);
-            let _enter = span.enter();
-            warn!(
-                queue = %printable(&d.queue),
-                "celeriac does not run workflows yet: this task's {} will not be followed",
-                msg.workflow.join(", ")
-            );
-        }
+        let task = msg.clone();
         let disposition = async move {
             self.emit(d, &msg, Stage::Received, None);
             // Unknown task: nobody here can run it. Fail it visibly rather than drop it.
@@ -552,13 +562,12 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 let reason = format!("task {:?} is not registered with this worker", msg.task);
                 let error = Failure { exc_type: "NotRegistered", message: &reason, traceback: "" };
                 self.emit(d, &msg, Stage::Failed { error }, None);
-                let failure = self.result(
-                    &msg,
-                    states::FAILURE,
-                    protocol::exception("NotRegistered", &reason),
-                    &[],
-                );
-                return self.finish_dead(d, &msg, "unknown_task", &reason, vec![failure]);
+                let exception = protocol::exception("NotRegistered", &reason);
+                let (results, errbacks) = self.failed(&msg, &exception, None);
+                return match errbacks {
+                    Ok(then) => self.finish_dead(d, &msg, "unknown_task", &reason, results, then),
+                    Err(e) => self.workflow_failed(d, &msg, &e, results, Vec::new()),
+                };
             };
 
             // Revoked (by id, checked for the whole fetched batch) or expired: never run.
@@ -575,14 +584,14 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             // Not due yet: park it in the scheduled set, not in worker memory.
             if let Some(eta) = msg.due_later(now) {
                 let then = vec![self.park(d, &msg, eta.timestamp_millis())];
-                return Disposition::Finish { results: vec![], then };
+                return Disposition::Finish { results: vec![], then, chords: Vec::new() };
             }
 
             // Global rate limit: its slot is later, come back then.
             if let Some(wait) = admission.rate_wait {
                 self.emit(d, &msg, Stage::RateLimited { wait }, None);
                 let then = vec![self.park(d, &msg, now_ms() + wait.as_millis() as i64)];
-                return Disposition::Finish { results: vec![], then };
+                return Disposition::Finish { results: vec![], then, chords: Vec::new() };
             }
 
             // Run it. STARTED goes through the settler like every result, so it is stored in
@@ -598,6 +607,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                     delivery: None,
                     results: vec![started],
                     then: vec![],
+                    chords: vec![],
                 })
                 .await;
             }
@@ -653,10 +663,12 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         .await;
         // `ignore_result` (Celery's `apply_async(ignore_result=True)`): no state of this task is
         // stored, whatever it ended as. Its children and dead letters are sent all the same.
+        // A chord header part reports to its chord with its final state, stored or not.
         match disposition {
-            Disposition::Finish { mut results, then } if ignored.is_some() => {
+            Disposition::Finish { mut results, then, .. } => {
+                let chords = canvas::chord_parts(&task, &results);
                 results.retain(|r| Some(&r.id) != ignored.as_ref());
-                Disposition::Finish { results, then }
+                Disposition::Finish { results, then, chords }
             }
             other => other,
         }
@@ -677,13 +689,27 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
             self.emit(d, msg, Stage::Succeeded { result }, Some(&report));
             let mut then = Vec::with_capacity(report.children.len());
-            let children: Vec<String> =
+            let mut children: Vec<String> =
                 report.children.iter().map(|c| self.publish_child(&mut then, msg, c)).collect();
+            // Callbacks, then the next chain step: sent with the ack, listed as children.
+            let followed = msg.workflow.as_deref().map(|wf| {
+                let result = serde_json::from_str(result).unwrap_or(Value::Null);
+                canvas::on_success(wf, &self.origin(msg), &result)
+            });
+            if let Some(Ok(sent)) = &followed {
+                for s in sent {
+                    children.push(s.id.clone());
+                    then.push(s.follow_up.clone());
+                }
+            }
             // The runtime validated the result as JSON: it goes into the meta as it is.
             let meta =
                 protocol::result_meta_json(&msg.id, states::SUCCESS, result, None, &children);
             let stored = StoredResult { id: msg.id.clone(), meta };
-            return Disposition::Finish { results: vec![stored], then };
+            if let Some(Err(e)) = followed {
+                return self.workflow_failed(d, msg, &e, vec![stored], then);
+            }
+            return Disposition::Finish { results: vec![stored], then, chords: Vec::new() };
         }
         if outcome == &Outcome::Terminated {
             self.stats.revoked.fetch_add(1, Ordering::Relaxed);
@@ -730,14 +756,10 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                     &[],
                 ),
             };
-            return Disposition::Finish { results: vec![stored], then };
+            return Disposition::Finish { results: vec![stored], then, chords: Vec::new() };
         }
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
         self.emit(d, msg, Stage::Failed { error }, Some(&report));
-        let stored = StoredResult {
-            id: msg.id.clone(),
-            meta: protocol::result_meta(&msg.id, states::FAILURE, exception, Some(&traceback), &[]),
-        };
         let reason = if matches!(outcome, Outcome::Failed { .. })
             || !spec.retry.retry_on.iter().any(|k| k == outcome.kind())
         {
@@ -745,7 +767,60 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         } else {
             "retries_exhausted"
         };
-        self.finish_dead(d, msg, reason, &format!("{exc_type}: {message}"), vec![stored])
+        let (results, errbacks) = self.failed(msg, &exception, Some(&traceback));
+        let error = format!("{exc_type}: {message}");
+        match errbacks {
+            Ok(then) => self.finish_dead(d, msg, reason, &error, results, then),
+            Err(e) => self.workflow_failed(d, msg, &e, results, Vec::new()),
+        }
+    }
+
+    /// What a task that failed for good stores and sends: FAILURE at its own id and, as
+    /// Celery does, at every frozen id of the rest of its chain (so the chain's result raises
+    /// rather than waits for ever), and its errbacks, given its id.
+    fn failed(
+        &self,
+        msg: &TaskMessage,
+        exception: &Value,
+        traceback: Option<&str>,
+    ) -> (Vec<StoredResult>, Result<Vec<FollowUp>, canvas::CanvasError>) {
+        let failure = |id: &str| StoredResult {
+            id: id.to_string(),
+            meta: protocol::result_meta(id, states::FAILURE, exception.clone(), traceback, &[]),
+        };
+        let mut results = vec![failure(&msg.id)];
+        let Some(wf) = msg.workflow.as_deref() else { return (results, Ok(Vec::new())) };
+        results.extend(wf.chain_ids().iter().map(|id| failure(id)));
+        let errbacks = canvas::on_failure(wf, &self.origin(msg))
+            .map(|sent| sent.into_iter().map(|s| s.follow_up).collect());
+        (results, errbacks)
+    }
+
+    /// Where a workflow's messages come from: `msg`, routed as children are.
+    fn origin<'a>(&'a self, msg: &'a TaskMessage) -> canvas::Origin<'a> {
+        canvas::Origin::of(msg, &*self.registry)
+    }
+
+    /// A workflow that cannot be followed: the task's own outcome is stored, every frozen id
+    /// of the rest of its chain gets a FAILURE that says why, and the message is dead-lettered
+    /// with the reason, so nothing that should have followed is dropped without a word.
+    fn workflow_failed(
+        &self,
+        d: &Delivery,
+        msg: &TaskMessage,
+        e: &canvas::CanvasError,
+        mut results: Vec<StoredResult>,
+        then: Vec<FollowUp>,
+    ) -> Disposition {
+        let error = format!("its workflow cannot be followed: {e}");
+        let exception = protocol::exception("WorkflowError", &error);
+        let chain = msg.workflow.as_deref().map(canvas::Workflow::chain_ids).unwrap_or_default();
+        let stored: Vec<String> = results.iter().map(|r| r.id.clone()).collect();
+        for id in chain.iter().filter(|id| !stored.contains(id)) {
+            let meta = protocol::result_meta(id, states::FAILURE, exception.clone(), None, &[]);
+            results.push(StoredResult { id: id.clone(), meta });
+        }
+        self.finish_dead(d, msg, "workflow", &error, results, then)
     }
 
     /// The envelope of a child task, published with the parent's ack.
@@ -755,12 +830,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         parent: &TaskMessage,
         child: &crate::runtime::ChildTask,
     ) -> String {
-        let queue = child.queue.clone().unwrap_or_else(|| {
-            self.registry
-                .get(&child.name)
-                .map(|e| e.spec.queue.clone())
-                .unwrap_or_else(|_| "celery".into())
-        });
+        let queue = child.queue.clone().unwrap_or_else(|| self.registry.queue_for(&child.name));
         let opts = NewTask {
             id: Some(child.id.clone()),
             priority: child.priority,
@@ -805,7 +875,8 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 stored = seq;
                 let meta = protocol::result_meta(&p.task_id, &p.state, p.meta, None, &[]);
                 let results = vec![StoredResult { id: p.task_id, meta }];
-                self.to_settler(Settlement { delivery: None, results, then: vec![] }).await;
+                let progress = Settlement { delivery: None, results, then: vec![], chords: vec![] };
+                self.to_settler(progress).await;
             }
             if finished {
                 return;
@@ -862,6 +933,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         Disposition::Finish {
             results: vec![self.result(msg, states::REVOKED, exc, &[])],
             then: Vec::new(),
+            chords: Vec::new(),
         }
     }
 
@@ -871,7 +943,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
         let error = format!("celeriac failed while handling this message: {panic}");
         let (results, then) = self.host_failure(d, "host_error", &error);
-        Disposition::Finish { results, then }
+        Disposition::Finish { results, then, chords: Vec::new() }
     }
 
     /// What celeriac's own failure with a delivery stores and sends: FAILURE (`HostError`) when
@@ -911,7 +983,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         let record =
             dead_letter_record(d, None, poison.kind(), &poison.to_string(), 0, &self.opts.hostname);
         let then = vec![FollowUp::DeadLetter { queue: d.queue.clone(), record }];
-        Disposition::Finish { results: vec![], then }
+        Disposition::Finish { results: vec![], then, chords: Vec::new() }
     }
 
     fn finish_dead(
@@ -921,13 +993,14 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         reason: &str,
         error: &str,
         results: Vec<StoredResult>,
+        mut then: Vec<FollowUp>,
     ) -> Disposition {
         let attempts = msg.retries.saturating_add(1);
         let shown = printable(error);
         warn!(queue = %printable(&d.queue), reason, "dead-lettering after {attempts} attempts: {shown}");
         let record = dead_letter_record(d, Some(msg), reason, error, attempts, &self.opts.hostname);
-        let then = vec![FollowUp::DeadLetter { queue: d.queue.clone(), record }];
-        Disposition::Finish { results, then }
+        then.push(FollowUp::DeadLetter { queue: d.queue.clone(), record });
+        Disposition::Finish { results, then, chords: Vec::new() }
     }
 
     /// Settles handled messages in batches: whatever has piled up while the previous batch was
@@ -981,31 +1054,77 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     /// answer. Returns the error once Redis answers but still refuses the batch.
     async fn try_settle(&self, batch: &[Settlement]) -> crate::broker::BrokerResult<()> {
         let results: Vec<&StoredResult> = batch.iter().flat_map(|s| &s.results).collect();
-        let acks: Vec<(&str, &[FollowUp])> = batch
-            .iter()
-            .filter_map(|s| s.delivery.as_ref().map(|d| (d.tag.as_str(), s.then.as_slice())))
-            .collect();
         let mut delay = Duration::from_millis(50);
         let mut transient = 0;
         loop {
             let attempt = async {
                 self.results.store(&results).await?;
-                self.broker.settle(&acks).await
+                let joined = self.join_chords(batch).await?;
+                let acks: Vec<(&str, &[FollowUp])> = batch
+                    .iter()
+                    .zip(&joined.then)
+                    .filter_map(|(s, then)| {
+                        let then = then.as_deref().unwrap_or(&s.then);
+                        s.delivery.as_ref().map(|d| (d.tag.as_str(), then))
+                    })
+                    .collect();
+                self.broker.settle(&acks).await?;
+                // The body went out with the ack: the chord is done. Failing to mark it only
+                // leaves its join to expire (its claim keeps other parts from sending again), so
+                // it is not a reason to settle again, which would send the body twice.
+                for (group, claimer) in &joined.completed {
+                    if let Err(e) = self.results.chord_done(group, claimer).await {
+                        warn!(group = %printable(group), "could not mark a finished chord done: {e}");
+                    }
+                }
+                Ok::<_, crate::broker::BrokerError>(acks.len())
             };
             match attempt.await {
-                Ok(()) => return Ok(()),
+                Ok(_) => return Ok(()),
                 Err(e) if e.is_transient() => {
                     transient += 1;
                     if transient >= TRANSIENT_ATTEMPTS && self.broker.ping().await.is_ok() {
                         return Err(e);
                     }
-                    warn!("settling {} messages failed, retrying in {delay:?}: {e}", acks.len());
+                    warn!("settling {} messages failed, retrying in {delay:?}: {e}", batch.len());
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Joins the batch's chord parts, whose results are stored: for a part that completes its
+    /// chord, the body (or its `ChordError` and errbacks) is added to that part's follow-ups,
+    /// so it is sent with the part's ack. Joining again (a retried settlement) records nothing
+    /// twice and lets the same part claim again.
+    async fn join_chords(&self, batch: &[Settlement]) -> crate::broker::BrokerResult<Joined> {
+        let mut joined = Joined { then: vec![None; batch.len()], completed: Vec::new() };
+        if batch.iter().all(|s| s.chords.is_empty()) {
+            return Ok(joined);
+        }
+        let mut stored = Vec::new();
+        for (i, settlement) in batch.iter().enumerate() {
+            for part in &settlement.chords {
+                let Some(entries) = self.results.chord_join(part).await? else { continue };
+                let sent = match canvas::chord_complete(part, &entries, &*self.registry) {
+                    Ok((results, sent)) => {
+                        stored.extend(results);
+                        sent
+                    }
+                    Err(e) => {
+                        stored.extend(chord_body_failed(part, &e));
+                        Vec::new()
+                    }
+                };
+                let then = joined.then[i].get_or_insert_with(|| settlement.then.clone());
+                then.extend(sent.into_iter().map(|s| s.follow_up));
+                joined.completed.push((part.group_id.clone(), part.task_id.clone()));
+            }
+        }
+        self.results.store(&stored.iter().collect::<Vec<_>>()).await?;
+        Ok(joined)
     }
 
     /// Forgets settled deliveries: their leases are no longer renewed.
@@ -1030,7 +1149,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         };
         let why = format!("celeriac could not settle this message as it ended: {error}");
         let (results, then) = self.host_failure(&d, "unsettled", &why);
-        let fallback = [Settlement { delivery: Some(d), results, then }];
+        let fallback = [Settlement { delivery: Some(d), results, then, chords: Vec::new() }];
         if let Err(e) = self.try_settle(&fallback).await {
             // Not even its dead-letter list takes it. It stays unacked; without renewals its lease
             // runs out and it is restored, so it is not lost.
