@@ -29,6 +29,13 @@ def noop(x):
     return x
 
 
+@app.task(name="py.add")
+def py_add(x, y, delay=0.0):
+    """A chord part only the Python worker serves (its own queue, `py`)."""
+    time.sleep(delay)
+    return x + y
+
+
 def send(task, args, kwargs, queue="default", priority=None, countdown=None):
     options = {"queue": queue}
     if priority is not None:

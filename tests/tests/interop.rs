@@ -46,13 +46,18 @@ async fn python(redis: &RedisServer, args: Vec<String>) -> Value {
 
 /// A real Python Celery worker on queue `default`, serving `diagnostics.noop`.
 pub(crate) fn python_worker(redis: &RedisServer) -> std::process::Child {
+    python_worker_on(redis, "default")
+}
+
+/// A Python Celery worker consuming `queues` (comma-separated).
+pub(crate) fn python_worker_on(redis: &RedisServer, queues: &str) -> std::process::Child {
     Command::new(repo_root().join("target/interop-venv/bin/celery"))
         .args([
             "-A",
             "celery_client",
             "worker",
             "-Q",
-            "default",
+            queues,
             "--pool=solo",
             "-c",
             "1",
