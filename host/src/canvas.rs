@@ -139,6 +139,16 @@ pub struct Sent {
     pub follow_up: FollowUp,
 }
 
+/// Everything a workflow step sends: its messages, and the size of each chord it starts, which
+/// the join needs before any of the chord's parts can end.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Followed {
+    /// Messages, in the order Celery sends them.
+    pub sent: Vec<Sent>,
+    /// `(group id, header size)` of each chord started.
+    pub chord_sizes: Vec<(String, u64)>,
+}
+
 /// The queue a task goes to when its signature names none.
 pub trait Router {
     /// The queue for task `name`.
@@ -178,83 +188,125 @@ pub fn on_success(
     wf: &Workflow,
     from: &Origin<'_>,
     result: &Value,
-) -> Result<Vec<Sent>, CanvasError> {
-    let mut sent = Vec::new();
+) -> Result<Followed, CanvasError> {
+    let mut out = Followed::default();
     for sig in &wf.callbacks {
-        apply(sig, Some(result), &[], from, &mut sent)?;
+        apply(sig, Some(result), &[], from, &mut out)?;
     }
     if let Some((next, rest)) = wf.chain.split_last() {
-        apply(next, Some(result), rest, from, &mut sent)?;
+        apply(next, Some(result), rest, from, &mut out)?;
     }
-    Ok(sent)
+    Ok(out)
 }
 
 /// What a failed task sends: each errback, given the failed task's id.
-pub fn on_failure(wf: &Workflow, from: &Origin<'_>) -> Result<Vec<Sent>, CanvasError> {
-    let mut sent = Vec::new();
+pub fn on_failure(wf: &Workflow, from: &Origin<'_>) -> Result<Followed, CanvasError> {
+    let mut out = Followed::default();
     let failed = Value::String(from.id.to_string());
     for sig in &wf.errbacks {
-        apply(sig, Some(&failed), &[], from, &mut sent)?;
+        apply(sig, Some(&failed), &[], from, &mut out)?;
     }
-    Ok(sent)
+    Ok(out)
 }
 
 /// Sends one signature as `Signature.apply_async((partial,), chain=chain)` would: a plain task
 /// becomes one message; a group, one message per member; a chain, its first step carrying the
-/// rest.
+/// rest; a chord, its header parts (the rest of the chain goes on from its body).
 fn apply(
     sig: &Value,
     partial: Option<&Value>,
     chain: &[Value],
     from: &Origin<'_>,
-    sent: &mut Vec<Sent>,
+    out: &mut Followed,
 ) -> Result<(), CanvasError> {
     check_signature(sig)?;
     let kind = sig.get("subtask_type").and_then(Value::as_str);
-    let tasks = || -> Result<Vec<Value>, CanvasError> {
-        match &sig["kwargs"]["tasks"] {
-            Value::Array(t) if !t.is_empty() => Ok(t.clone()),
-            other => {
-                Err(bad(format!("a {} signature without tasks: {other}", kind.unwrap_or("?"))))
-            }
-        }
-    };
     // An immutable signature (`.si()`) keeps its own args.
     let partial = partial.filter(|_| sig["immutable"] != Value::Bool(true));
+    let own_id = || sig["options"]["task_id"].as_str().map(str::to_string);
     match kind {
         None => {
-            sent.push(message(sig, partial, chain, None, from));
+            out.sent.push(message(sig, partial, chain, None, from));
             Ok(())
         }
         Some("chain") => {
-            let steps = tasks()?;
+            let steps = members(sig, "chain")?;
             let (first, after) = steps.split_first().unwrap_or_else(|| unreachable!());
             // The inner chain's steps run before the outer chain's: they go at its end.
             let mut rest = chain.to_vec();
             rest.extend(after.iter().rev().cloned());
-            apply(first, partial, &rest, from, sent)
+            apply(first, partial, &rest, from, out)
         }
         Some("group") if chain.is_empty() => {
-            let group_id = sig["options"]["task_id"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-            for (i, member) in tasks()?.iter().enumerate() {
-                check_signature(member)?;
-                if member.get("subtask_type").and_then(Value::as_str).is_some() {
-                    return Err(bad("a group whose members are groups, chains or chords"));
-                }
-                let index = member["options"]["group_index"].as_u64().unwrap_or(i as u64);
-                let partial = partial.filter(|_| member["immutable"] != Value::Bool(true));
-                sent.push(message(member, partial, &[], Some((&group_id, index)), from));
-            }
-            Ok(())
+            let group_id = own_id().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            send_members(&members(sig, "group")?, partial, &group_id, None, from, out)
         }
         Some("group") => {
             Err(bad("a group followed by more chain steps (Celery's client sends that as a chord)"))
         }
+        Some("chord") => {
+            let header = match &sig["kwargs"]["header"] {
+                group @ Value::Object(_) => members(group, "chord header")?,
+                Value::Array(parts) if !parts.is_empty() => parts.clone(),
+                other => return Err(bad(format!("a chord without a header: {other}"))),
+            };
+            let mut body = sig["kwargs"]["body"].clone();
+            check_signature(&body).map_err(|e| bad(format!("the chord's body: {}", e.0)))?;
+            let group_id = sig["kwargs"]["header"]["options"]["task_id"]
+                .as_str()
+                .map(str::to_string)
+                .or_else(own_id)
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            // As Celery's `_chord.run`: the body carries the rest of the chain and the group.
+            let options = body
+                .as_object_mut()
+                .and_then(|b| {
+                    b.entry("options").or_insert_with(|| json!({}));
+                    b.get_mut("options")?.as_object_mut()
+                })
+                .ok_or_else(|| bad("the chord's body has no options"))?;
+            options.insert("group_id".into(), json!(group_id));
+            if !options.contains_key("task_id") {
+                options.insert("task_id".into(), json!(uuid::Uuid::new_v4().to_string()));
+            }
+            if !chain.is_empty() {
+                options.insert("chain".into(), json!(chain));
+            }
+            out.chord_sizes.push((group_id.clone(), header.len() as u64));
+            send_members(&header, partial, &group_id, Some(&body), from, out)
+        }
         Some(other) => Err(bad(format!("celeriac cannot follow a {other:?} signature yet"))),
     }
+}
+
+/// The signatures a group, chain or chord header signature holds (`kwargs.tasks`).
+fn members(sig: &Value, what: &str) -> Result<Vec<Value>, CanvasError> {
+    match &sig["kwargs"]["tasks"] {
+        Value::Array(t) if !t.is_empty() => Ok(t.clone()),
+        other => Err(bad(format!("a {what} signature without tasks: {other}"))),
+    }
+}
+
+/// Sends a group's members (a chord's header parts when `chord` is its body), each with the
+/// group id and its index, and `partial` first unless it is immutable.
+fn send_members(
+    members: &[Value],
+    partial: Option<&Value>,
+    group_id: &str,
+    chord: Option<&Value>,
+    from: &Origin<'_>,
+    out: &mut Followed,
+) -> Result<(), CanvasError> {
+    for (i, member) in members.iter().enumerate() {
+        check_signature(member)?;
+        if member.get("subtask_type").and_then(Value::as_str).is_some() {
+            return Err(bad("a group or chord header whose members are groups, chains or chords"));
+        }
+        let index = member["options"]["group_index"].as_u64().unwrap_or(i as u64);
+        let partial = partial.filter(|_| member["immutable"] != Value::Bool(true));
+        out.sent.push(message(member, partial, &[], Some((group_id, index, chord)), from));
+    }
+    Ok(())
 }
 
 /// One task message for a plain signature.
@@ -262,7 +314,7 @@ fn message(
     sig: &Value,
     partial: Option<&Value>,
     chain: &[Value],
-    group: Option<(&str, u64)>,
+    group: Option<(&str, u64, Option<&Value>)>,
     from: &Origin<'_>,
 ) -> Sent {
     let empty = Map::new();
@@ -296,16 +348,21 @@ fn message(
         Some(sig @ Value::Object(_)) => vec![sig.clone()],
         _ => Vec::new(),
     };
-    let workflow = Workflow {
-        callbacks: links("link"),
-        errbacks: links("link_error"),
-        chain: chain.to_vec(),
-        chord: options.get("chord").filter(|c| !c.is_null()).cloned(),
+    // The rest of a chain comes from the caller, or (a chord's body) from the options.
+    let chain = match (chain, options.get("chain")) {
+        ([], Some(Value::Array(rest))) => rest.clone(),
+        (chain, _) => chain.to_vec(),
     };
-    let (group, group_index) = match group {
-        Some((id, index)) => (Some(id.to_string()), Some(index)),
-        None => (opt_str("group_id"), options.get("group_index").and_then(Value::as_u64)),
+    let (group, group_index, chord) = match group {
+        Some((id, index, chord)) => (Some(id.to_string()), Some(index), chord.cloned()),
+        None => (
+            opt_str("group_id"),
+            options.get("group_index").and_then(Value::as_u64),
+            options.get("chord").filter(|c| !c.is_null()).cloned(),
+        ),
     };
+    let workflow =
+        Workflow { callbacks: links("link"), errbacks: links("link_error"), chain, chord };
     let opts = NewTask {
         id: opt_str("task_id"),
         priority: Some(priority),
@@ -417,7 +474,7 @@ pub fn chord_complete(
     part: &ChordPart,
     entries: &[Value],
     route: &dyn Router,
-) -> Result<(Vec<crate::results::StoredResult>, Vec<Sent>), CanvasError> {
+) -> Result<(Vec<crate::results::StoredResult>, Followed), CanvasError> {
     let from = Origin { id: &part.task_id, root_id: &part.root_id, priority: part.priority, route };
     let mut values = Vec::with_capacity(entries.len());
     for entry in entries {
@@ -441,7 +498,7 @@ pub fn chord_complete(
                     protocol::result_meta(body_id, protocol::states::FAILURE, exception, None, &[]);
                 stored.push(crate::results::StoredResult { id: body_id.to_string(), meta });
             }
-            let mut sent = Vec::new();
+            let mut out = Followed::default();
             let errbacks = match &part.body["options"]["link_error"] {
                 Value::Array(sigs) => sigs.clone(),
                 sig @ Value::Object(_) => vec![sig.clone()],
@@ -449,15 +506,15 @@ pub fn chord_complete(
             };
             let failed = Value::String(body_id.to_string());
             for sig in &errbacks {
-                apply(sig, Some(&failed), &[], &from, &mut sent)?;
+                apply(sig, Some(&failed), &[], &from, &mut out)?;
             }
-            return Ok((stored, sent));
+            return Ok((stored, out));
         }
         values.push(result.clone());
     }
-    let mut sent = Vec::new();
-    apply(&part.body, Some(&Value::Array(values)), &[], &from, &mut sent)?;
-    Ok((Vec::new(), sent))
+    let mut out = Followed::default();
+    apply(&part.body, Some(&Value::Array(values)), &[], &from, &mut out)?;
+    Ok((Vec::new(), out))
 }
 
 #[cfg(test)]
@@ -501,7 +558,7 @@ mod tests {
         let wf = Workflow { chain: vec![last.clone(), next], ..Workflow::default() };
         let p = parent();
         let from = Origin::of(&p, &|_: &str| "celery".to_string());
-        let sent = on_success(&wf, &from, &json!(3)).unwrap();
+        let sent = on_success(&wf, &from, &json!(3)).unwrap().sent;
         assert_eq!(sent.len(), 1);
         let step = decoded(&sent[0]);
         assert_eq!((step.id.as_str(), step.args.as_str()), ("t2", "[3,3]"));
@@ -511,7 +568,7 @@ mod tests {
         assert_eq!(step.workflow.unwrap().chain, vec![last.clone()]);
         // The immutable last step ignores the result it is given.
         let wf = Workflow { chain: vec![last], ..Workflow::default() };
-        let step = decoded(&on_success(&wf, &from, &json!(6)).unwrap()[0]);
+        let step = decoded(&on_success(&wf, &from, &json!(6)).unwrap().sent[0]);
         assert_eq!((step.id.as_str(), step.args.as_str()), ("t3", "[10,10]"));
     }
 
@@ -527,7 +584,7 @@ mod tests {
         };
         let p = parent();
         let from = Origin::of(&p, &|_: &str| "celery".to_string());
-        let sent = on_failure(&wf, &from).unwrap();
+        let sent = on_failure(&wf, &from).unwrap().sent;
         let errback = decoded(&sent[0]);
         assert_eq!(errback.args, format!("[{:?}]", p.id));
         assert!(matches!(&sent[0].follow_up, FollowUp::Publish { queue, .. } if queue == "errors"));
@@ -543,7 +600,7 @@ mod tests {
         let wf = Workflow { chain: vec![group], ..Workflow::default() };
         let p = parent();
         let from = Origin::of(&p, &|name: &str| format!("q-{name}"));
-        let sent = on_success(&wf, &from, &json!(5)).unwrap();
+        let sent = on_success(&wf, &from, &json!(5)).unwrap().sent;
         let members: Vec<_> = sent.iter().map(decoded).collect();
         assert_eq!(members.len(), 2);
         for (i, m) in members.iter().enumerate() {
@@ -554,6 +611,31 @@ mod tests {
         assert!(
             matches!(&sent[0].follow_up, FollowUp::Publish { queue, .. } if queue == "q-tasks.add")
         );
+    }
+
+    #[test]
+    fn a_chord_step_sizes_its_chord_and_its_body_carries_the_rest_of_the_chain() {
+        let header = json!({"task": "celery.group", "subtask_type": "group",
+            "options": {"task_id": "g1"},
+            "kwargs": {"tasks": [sig("tasks.add", json!([1]), json!({"task_id": "h0"})),
+                                 sig("tasks.add", json!([2]), json!({"task_id": "h1"}))]}});
+        let chord = json!({"task": "celery.chord", "subtask_type": "chord", "args": [],
+            "options": {"task_id": "g1"},
+            "kwargs": {"header": header, "body": sig("tasks.tsum", json!([]), json!({"task_id": "b"}))}});
+        let after = sig("tasks.add", json!([5]), json!({"task_id": "last"}));
+        let wf = Workflow { chain: vec![after.clone(), chord], ..Workflow::default() };
+        let p = parent();
+        let from = Origin::of(&p, &|_: &str| "celery".to_string());
+        let followed = on_success(&wf, &from, &json!(2)).unwrap();
+        assert_eq!(followed.chord_sizes, vec![("g1".to_string(), 2)]);
+        let parts: Vec<_> = followed.sent.iter().map(decoded).collect();
+        assert_eq!(parts.iter().map(|m| m.args.as_str()).collect::<Vec<_>>(), ["[2,1]", "[2,2]"]);
+        for (i, part) in parts.iter().enumerate() {
+            assert_eq!((part.group.as_deref(), part.group_index), (Some("g1"), Some(i as u64)));
+            let body = part.workflow.as_ref().unwrap().chord.clone().unwrap();
+            assert_eq!(body["options"]["group_id"], "g1");
+            assert_eq!(body["options"]["chain"], json!([after]));
+        }
     }
 
     #[test]

@@ -304,6 +304,18 @@ impl crate::broker::ResultStore for ResultBackend {
         ))
     }
 
+    /// As Celery 5.7: the claim of an earlier chord under this id is cleared, then the size set.
+    async fn chord_size(&self, group_id: &str, size: u64) -> crate::broker::BrokerResult<()> {
+        let [.., s, _, c] = self.chord_keys(group_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(c).ignore();
+        match self.expires.as_secs() {
+            0 => pipe.set(s, size).ignore(),
+            ttl => pipe.set_ex(s, size, ttl).ignore(),
+        };
+        Ok(pipe.query_async(&mut self.conn.clone()).await?)
+    }
+
     async fn chord_done(&self, group_id: &str, claimer: &str) -> crate::broker::BrokerResult<()> {
         let mut inv = self.chord_done.prepare_invoke();
         for key in self.chord_keys(group_id) {

@@ -112,4 +112,12 @@ assert res.get(timeout=TIMEOUT) == 22, res.get()
 res = chord([chain(sig("diagnostics.fail", "early"), add(10)), add(5, 5)], tsum).apply_async()
 raises(app.AsyncResult(res.id), "ChordError", "raised ValueError('early')")
 
+# A chord as a chain step: `group | task` (which the client turns into a chord) and an explicit
+# chord with steps after it; its parts get the previous result first, the steps after it go on
+# from its body.
+res = chain(add(1, 1), group(add(1), add(2)), tsum).apply_async()
+assert res.get(timeout=TIMEOUT) == 7, res.get()
+res = chain(add(1, 1), chord([add(1), add(2)], tsum), add(5)).apply_async()
+assert res.get(timeout=TIMEOUT) == 12, res.get()
+
 print("ok")

@@ -399,6 +399,10 @@ impl ResultStore for MemoryBroker {
         Ok(None)
     }
 
+    async fn chord_size(&self, _group_id: &str, _size: u64) -> BrokerResult<()> {
+        Ok(())
+    }
+
     async fn chord_done(&self, _group_id: &str, _claimer: &str) -> BrokerResult<()> {
         Ok(())
     }

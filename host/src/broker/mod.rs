@@ -310,6 +310,13 @@ pub trait ResultStore: Clone + Send + Sync + 'static {
         part: &crate::canvas::ChordPart,
     ) -> impl Future<Output = BrokerResult<Option<Vec<serde_json::Value>>>> + Send;
 
+    /// Sets a chord's size before its header parts are sent (Celery's `set_chord_size`).
+    fn chord_size(
+        &self,
+        group_id: &str,
+        size: u64,
+    ) -> impl Future<Output = BrokerResult<()>> + Send;
+
     /// Marks a chord done after what completing it sent was acked with the part that claimed
     /// it: its join is deleted, and a late duplicate of a part finds it done.
     fn chord_done(

@@ -145,8 +145,17 @@ struct Settlement {
     delivery: Option<Delivery>,
     results: Vec<StoredResult>,
     then: Vec<FollowUp>,
-    /// Chord header parts among `results`, joined after they are stored.
-    chords: Vec<canvas::ChordPart>,
+    /// Chord work around the ack.
+    chords: Chords,
+}
+
+/// What a settlement does for chords in the result backend, before its ack: the size of each
+/// chord it starts (set before any part can end), and its chord header parts among its
+/// results (joined after they are stored).
+#[derive(Debug, Default)]
+struct Chords {
+    sizes: Vec<(String, u64)>,
+    parts: Vec<canvas::ChordPart>,
 }
 
 /// What joining a batch's chord parts adds: per settlement, its follow-ups with what completing
@@ -244,7 +253,7 @@ struct Admission {
 enum Disposition {
     /// Store these results, join these chord parts, then ack together with these broker
     /// commands (and what completing a chord sends).
-    Finish { results: Vec<StoredResult>, then: Vec<FollowUp>, chords: Vec<canvas::ChordPart> },
+    Finish { results: Vec<StoredResult>, then: Vec<FollowUp>, chords: Chords },
     /// Leave the message unacked: the worker is shutting down and it goes back to its queue.
     Requeue,
 }
@@ -584,14 +593,14 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             // Not due yet: park it in the scheduled set, not in worker memory.
             if let Some(eta) = msg.due_later(now) {
                 let then = vec![self.park(d, &msg, eta.timestamp_millis())];
-                return Disposition::Finish { results: vec![], then, chords: Vec::new() };
+                return Disposition::Finish { results: vec![], then, chords: Chords::default() };
             }
 
             // Global rate limit: its slot is later, come back then.
             if let Some(wait) = admission.rate_wait {
                 self.emit(d, &msg, Stage::RateLimited { wait }, None);
                 let then = vec![self.park(d, &msg, now_ms() + wait.as_millis() as i64)];
-                return Disposition::Finish { results: vec![], then, chords: Vec::new() };
+                return Disposition::Finish { results: vec![], then, chords: Chords::default() };
             }
 
             // Run it. STARTED goes through the settler like every result, so it is stored in
@@ -607,7 +616,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                     delivery: None,
                     results: vec![started],
                     then: vec![],
-                    chords: vec![],
+                    chords: Chords::default(),
                 })
                 .await;
             }
@@ -665,8 +674,8 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         // stored, whatever it ended as. Its children and dead letters are sent all the same.
         // A chord header part reports to its chord with its final state, stored or not.
         match disposition {
-            Disposition::Finish { mut results, then, .. } => {
-                let chords = canvas::chord_parts(&task, &results);
+            Disposition::Finish { mut results, then, mut chords } => {
+                chords.parts = canvas::chord_parts(&task, &results);
                 results.retain(|r| Some(&r.id) != ignored.as_ref());
                 Disposition::Finish { results, then, chords }
             }
@@ -696,20 +705,31 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 let result = serde_json::from_str(result).unwrap_or(Value::Null);
                 canvas::on_success(wf, &self.origin(msg), &result)
             });
-            if let Some(Ok(sent)) = &followed {
-                for s in sent {
-                    children.push(s.id.clone());
-                    then.push(s.follow_up.clone());
+            let mut chords = Chords::default();
+            let followed = match followed.transpose() {
+                Ok(followed) => followed.unwrap_or_default(),
+                Err(e) => {
+                    let meta = protocol::result_meta_json(
+                        &msg.id,
+                        states::SUCCESS,
+                        result,
+                        None,
+                        &children,
+                    );
+                    let stored = StoredResult { id: msg.id.clone(), meta };
+                    return self.workflow_failed(d, msg, &e, vec![stored], then);
                 }
+            };
+            for s in followed.sent {
+                children.push(s.id);
+                then.push(s.follow_up);
             }
+            chords.sizes = followed.chord_sizes;
             // The runtime validated the result as JSON: it goes into the meta as it is.
             let meta =
                 protocol::result_meta_json(&msg.id, states::SUCCESS, result, None, &children);
             let stored = StoredResult { id: msg.id.clone(), meta };
-            if let Some(Err(e)) = followed {
-                return self.workflow_failed(d, msg, &e, vec![stored], then);
-            }
-            return Disposition::Finish { results: vec![stored], then, chords: Vec::new() };
+            return Disposition::Finish { results: vec![stored], then, chords };
         }
         if outcome == &Outcome::Terminated {
             self.stats.revoked.fetch_add(1, Ordering::Relaxed);
@@ -756,7 +776,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                     &[],
                 ),
             };
-            return Disposition::Finish { results: vec![stored], then, chords: Vec::new() };
+            return Disposition::Finish { results: vec![stored], then, chords: Chords::default() };
         }
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
         self.emit(d, msg, Stage::Failed { error }, Some(&report));
@@ -791,8 +811,11 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         let mut results = vec![failure(&msg.id)];
         let Some(wf) = msg.workflow.as_deref() else { return (results, Ok(Vec::new())) };
         results.extend(wf.chain_ids().iter().map(|id| failure(id)));
-        let errbacks = canvas::on_failure(wf, &self.origin(msg))
-            .map(|sent| sent.into_iter().map(|s| s.follow_up).collect());
+        // An errback is a task or a group of tasks; one that starts a chord is not followed.
+        let errbacks = canvas::on_failure(wf, &self.origin(msg)).and_then(|f| match f {
+            f if f.chord_sizes.is_empty() => Ok(f.sent.into_iter().map(|s| s.follow_up).collect()),
+            _ => Err(canvas::CanvasError("an errback that is a chord".into())),
+        });
         (results, errbacks)
     }
 
@@ -875,7 +898,8 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 stored = seq;
                 let meta = protocol::result_meta(&p.task_id, &p.state, p.meta, None, &[]);
                 let results = vec![StoredResult { id: p.task_id, meta }];
-                let progress = Settlement { delivery: None, results, then: vec![], chords: vec![] };
+                let progress =
+                    Settlement { delivery: None, results, then: vec![], chords: Chords::default() };
                 self.to_settler(progress).await;
             }
             if finished {
@@ -933,7 +957,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         Disposition::Finish {
             results: vec![self.result(msg, states::REVOKED, exc, &[])],
             then: Vec::new(),
-            chords: Vec::new(),
+            chords: Chords::default(),
         }
     }
 
@@ -943,7 +967,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
         let error = format!("celeriac failed while handling this message: {panic}");
         let (results, then) = self.host_failure(d, "host_error", &error);
-        Disposition::Finish { results, then, chords: Vec::new() }
+        Disposition::Finish { results, then, chords: Chords::default() }
     }
 
     /// What celeriac's own failure with a delivery stores and sends: FAILURE (`HostError`) when
@@ -983,7 +1007,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         let record =
             dead_letter_record(d, None, poison.kind(), &poison.to_string(), 0, &self.opts.hostname);
         let then = vec![FollowUp::DeadLetter { queue: d.queue.clone(), record }];
-        Disposition::Finish { results: vec![], then, chords: Vec::new() }
+        Disposition::Finish { results: vec![], then, chords: Chords::default() }
     }
 
     fn finish_dead(
@@ -1000,7 +1024,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         warn!(queue = %printable(&d.queue), reason, "dead-lettering after {attempts} attempts: {shown}");
         let record = dead_letter_record(d, Some(msg), reason, error, attempts, &self.opts.hostname);
         then.push(FollowUp::DeadLetter { queue: d.queue.clone(), record });
-        Disposition::Finish { results, then, chords: Vec::new() }
+        Disposition::Finish { results, then, chords: Chords::default() }
     }
 
     /// Settles handled messages in batches: whatever has piled up while the previous batch was
@@ -1101,25 +1125,33 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     /// twice and lets the same part claim again.
     async fn join_chords(&self, batch: &[Settlement]) -> crate::broker::BrokerResult<Joined> {
         let mut joined = Joined { then: vec![None; batch.len()], completed: Vec::new() };
-        if batch.iter().all(|s| s.chords.is_empty()) {
+        if batch.iter().all(|s| s.chords.sizes.is_empty() && s.chords.parts.is_empty()) {
             return Ok(joined);
+        }
+        // Chords this batch starts: their sizes are set before their parts are sent.
+        for (group, size) in batch.iter().flat_map(|s| &s.chords.sizes) {
+            self.results.chord_size(group, *size).await?;
         }
         let mut stored = Vec::new();
         for (i, settlement) in batch.iter().enumerate() {
-            for part in &settlement.chords {
+            for part in &settlement.chords.parts {
                 let Some(entries) = self.results.chord_join(part).await? else { continue };
-                let sent = match canvas::chord_complete(part, &entries, &*self.registry) {
-                    Ok((results, sent)) => {
+                let followed = match canvas::chord_complete(part, &entries, &*self.registry) {
+                    Ok((results, followed)) => {
                         stored.extend(results);
-                        sent
+                        followed
                     }
                     Err(e) => {
                         stored.extend(chord_body_failed(part, &e));
-                        Vec::new()
+                        canvas::Followed::default()
                     }
                 };
+                // A body that is itself a chord starts it: its size first.
+                for (group, size) in &followed.chord_sizes {
+                    self.results.chord_size(group, *size).await?;
+                }
                 let then = joined.then[i].get_or_insert_with(|| settlement.then.clone());
-                then.extend(sent.into_iter().map(|s| s.follow_up));
+                then.extend(followed.sent.into_iter().map(|s| s.follow_up));
                 joined.completed.push((part.group_id.clone(), part.task_id.clone()));
             }
         }
@@ -1149,7 +1181,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         };
         let why = format!("celeriac could not settle this message as it ended: {error}");
         let (results, then) = self.host_failure(&d, "unsettled", &why);
-        let fallback = [Settlement { delivery: Some(d), results, then, chords: Vec::new() }];
+        let fallback = [Settlement { delivery: Some(d), results, then, chords: Chords::default() }];
         if let Err(e) = self.try_settle(&fallback).await {
             // Not even its dead-letter list takes it. It stays unacked; without renewals its lease
             // runs out and it is restored, so it is not lost.
