@@ -199,6 +199,13 @@ pub fn on_success(
     Ok(out)
 }
 
+/// What sending a workflow signature (a task's own chain, group or chord of children) sends.
+pub fn send(sig: &Value, from: &Origin<'_>) -> Result<Followed, CanvasError> {
+    let mut out = Followed::default();
+    apply(sig, None, &[], from, &mut out)?;
+    Ok(out)
+}
+
 /// What a failed task sends: each errback, given the failed task's id.
 pub fn on_failure(wf: &Workflow, from: &Origin<'_>) -> Result<Followed, CanvasError> {
     let mut out = Followed::default();

@@ -120,4 +120,12 @@ assert res.get(timeout=TIMEOUT) == 7, res.get()
 res = chain(add(1, 1), chord([add(1), add(2)], tsum), add(5)).apply_async()
 assert res.get(timeout=TIMEOUT) == 12, res.get()
 
+# Workflows a celeriac task sends itself, with the SDK's chain, group and chord.
+ids = sig("diagnostics.fanout", "chain", 4).apply_async().get(timeout=TIMEOUT)
+assert len(ids) == 4 and app.AsyncResult(ids[-1]).get(timeout=TIMEOUT) == 5, ids
+ids = sig("diagnostics.fanout", "group", 3).apply_async().get(timeout=TIMEOUT)
+assert [app.AsyncResult(i).get(timeout=TIMEOUT) for i in ids] == [0, 2, 4]
+ids = sig("diagnostics.fanout", "chord", 4).apply_async().get(timeout=TIMEOUT)
+assert len(ids) == 5 and app.AsyncResult(ids[-1]).get(timeout=TIMEOUT) == 12, ids
+
 print("ok")

@@ -154,7 +154,7 @@ fn modules_check_lists_tasks_and_rejects_foreign_modules() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
     assert!(
-        stdout.contains("indexing.index_session") && stdout.contains("5 modules, 14 tasks: ok"),
+        stdout.contains("indexing.index_session") && stdout.contains("5 modules, 15 tasks: ok"),
         "{stdout}"
     );
     let dir = tempfile::tempdir().unwrap();

@@ -106,7 +106,8 @@ async fn a_task_served_by_two_modules_must_be_disambiguated() {
         "modules = {:?}\n[tasks.\"diagnostics.noop\"]\nmodule = \"two\"\n\
          [tasks.\"diagnostics.fail\"]\nmodule = \"one\"\n[tasks.\"diagnostics.flaky\"]\nmodule = \"one\"\n\
          [tasks.\"diagnostics.sleep\"]\nmodule = \"one\"\n[tasks.\"diagnostics.spin\"]\nmodule = \"one\"\n\
-         [tasks.\"diagnostics.add\"]\nmodule = \"one\"\n[tasks.\"diagnostics.tsum\"]\nmodule = \"one\"\n",
+         [tasks.\"diagnostics.add\"]\nmodule = \"one\"\n[tasks.\"diagnostics.tsum\"]\nmodule = \"one\"\n\
+         [tasks.\"diagnostics.fanout\"]\nmodule = \"one\"\n",
         dir.path()
     );
     let mut config = Config::parse(&text, Path::new("dup.toml"), &Overrides::default()).unwrap();

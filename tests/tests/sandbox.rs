@@ -359,6 +359,33 @@ async fn enqueue_accepts_only_allowed_names_and_defers_children_to_success() {
     assert_eq!(result, &format!("\"{}\"", ok.children[0].id));
 }
 
+/// A chain, group or chord of children goes through the same grant as one child: a workflow
+/// with one name the task may not send is refused whole, and nothing of it is sent.
+#[tokio::test]
+async fn workflows_of_children_need_every_name_granted_and_go_whole_or_not_at_all() {
+    let rt = runtime(false);
+    let m = module(&rt, "diagnostics").await;
+    let limits = limits_ms(10_000);
+    let fanout = |grants: Vec<&str>, args: serde_json::Value| {
+        let grants = Grants {
+            enqueue: grants.into_iter().map(str::to_string).collect(),
+            ..Grants::default()
+        };
+        run(&rt, &m, "diagnostics.fanout", args, &limits, grants, RunEnv::default())
+    };
+    // The body's name is not granted: the whole chord is refused.
+    let denied = fanout(vec!["diagnostics.add"], json!(["chord", 3])).await;
+    assert_eq!(denied.outcome.kind(), "failure", "{:?}", denied.outcome);
+    assert!(format!("{:?}", denied.outcome).contains("may not enqueue diagnostics.tsum"));
+    assert!(denied.workflows.is_empty() && denied.children.is_empty());
+    let ok = fanout(vec!["diagnostics.add", "diagnostics.tsum"], json!(["chord", 3])).await;
+    let Outcome::Success { result } = &ok.outcome else { panic!("got {:?}", ok.outcome) };
+    let ids: Vec<String> = serde_json::from_str(result.as_str()).unwrap();
+    assert_eq!(ok.workflows.len(), 1);
+    assert_eq!(ok.workflows[0].ids, ids, "four ids: three parts, then the body");
+    assert_eq!(ok.workflows[0].signature["subtask_type"], "chord");
+}
+
 #[tokio::test]
 async fn fuel_is_reported_and_enforced() {
     let rt = runtime(true);

@@ -4,7 +4,7 @@
 
 use super::bindings::celeriac::task::{control, enqueue, kv, log, types};
 use super::limits::MemoryLimiter;
-use super::outcome::{ChildTask, Progress, ProgressSender};
+use super::outcome::{ChildTask, ChildWorkflow, Progress, ProgressSender};
 use super::{Grants, Signals};
 use crate::kv::{KvError, KvStore};
 use std::sync::Arc;
@@ -50,7 +50,11 @@ pub struct TaskContext {
     pub(crate) soft_deadline: Option<Instant>,
     pub(crate) hard_deadline: Instant,
     pub(crate) children: Vec<ChildTask>,
-    /// Bytes of args and kwargs of `children`.
+    /// Workflows of children (chains, groups, chords).
+    pub(crate) workflows: Vec<ChildWorkflow>,
+    /// Steps in `workflows`, which count as children.
+    pub(crate) workflow_steps: usize,
+    /// Bytes of args and kwargs of `children` and `workflows`.
     pub(crate) children_bytes: usize,
     pub(crate) progress: Option<ProgressSender>,
     pub(crate) log_budget: LogBudget,
@@ -228,52 +232,10 @@ impl enqueue::Host for TaskState {
         kwargs: String,
         options: enqueue::Options,
     ) -> Result<String, HostError> {
-        let t = &mut self.task;
-        t.live()?;
-        if name.is_empty() || name.len() > MAX_TASK_NAME || name.chars().any(char::is_control) {
-            return Err(HostError::Invalid(format!(
-                "a child's task name must be 1 to {MAX_TASK_NAME} bytes without control characters"
-            )));
-        }
-        if !t.grants.enqueue.iter().any(|pattern| glob_match(pattern, &name)) {
-            return Err(HostError::Denied(format!("task {} may not enqueue {name}", t.name)));
-        }
-        if t.children.len() >= MAX_CHILDREN {
-            return Err(HostError::Invalid(format!("more than {MAX_CHILDREN} child tasks")));
-        }
-        let payload = args.len() + kwargs.len();
-        if payload > MAX_CHILD_PAYLOAD {
-            return Err(HostError::Invalid(format!(
-                "child arguments exceed {MAX_CHILD_PAYLOAD} bytes"
-            )));
-        }
-        if t.children_bytes + payload > MAX_CHILDREN_BYTES {
-            return Err(HostError::Invalid(format!(
-                "the children of one run may carry at most {MAX_CHILDREN_BYTES} bytes of arguments"
-            )));
-        }
-        let args: serde_json::Value = serde_json::from_str(&args)
-            .map_err(|e| HostError::Invalid(format!("child args are not JSON: {e}")))?;
-        let kwargs: serde_json::Value = serde_json::from_str(&kwargs)
-            .map_err(|e| HostError::Invalid(format!("child kwargs are not JSON: {e}")))?;
-        if !args.is_array() || !kwargs.is_object() {
-            return Err(HostError::Invalid("child args must be a list, kwargs an object".into()));
-        }
-        if let Some(queue) = &options.queue {
-            crate::broker::check_queue_name(queue).map_err(HostError::Denied)?;
-            if !t.grants.child_queues.iter().any(|pattern| glob_match(pattern, queue)) {
-                return Err(HostError::Denied(format!(
-                    "task {} may not send to queue {queue:?} (allowed: {:?})",
-                    t.name, t.grants.child_queues
-                )));
-            }
-        }
-        if options.priority.is_some_and(|p| p > 9) {
-            return Err(HostError::Invalid("priority must be 0-9".into()));
-        }
+        self.task.live()?;
+        let (args, kwargs) = self.task.admit_child(&name, &args, &kwargs, &options)?;
         let id = uuid::Uuid::new_v4().to_string();
-        t.children_bytes += payload;
-        t.children.push(ChildTask {
+        self.task.children.push(ChildTask {
             id: id.clone(),
             name,
             args,
@@ -283,6 +245,168 @@ impl enqueue::Host for TaskState {
             countdown: options.countdown_ms.map(Duration::from_millis),
         });
         Ok(id)
+    }
+
+    async fn enqueue_chain(&mut self, steps: Vec<enqueue::Step>) -> Result<Vec<String>, HostError> {
+        self.task.live()?;
+        let (ids, steps) = self.task.admit_steps(&steps)?;
+        self.task
+            .workflows
+            .push(ChildWorkflow { ids: ids.clone(), signature: workflow::chain(steps) });
+        Ok(ids)
+    }
+
+    async fn enqueue_group(&mut self, steps: Vec<enqueue::Step>) -> Result<Vec<String>, HostError> {
+        self.task.live()?;
+        let (ids, steps) = self.task.admit_steps(&steps)?;
+        self.task
+            .workflows
+            .push(ChildWorkflow { ids: ids.clone(), signature: workflow::group(steps) });
+        Ok(ids)
+    }
+
+    async fn enqueue_chord(
+        &mut self,
+        header: Vec<enqueue::Step>,
+        body: enqueue::Step,
+    ) -> Result<Vec<String>, HostError> {
+        self.task.live()?;
+        let all: Vec<enqueue::Step> = header.into_iter().chain([body]).collect();
+        let (ids, mut steps) = self.task.admit_steps(&all)?;
+        if steps.len() < 2 {
+            return Err(HostError::Invalid("a chord needs at least one header step".into()));
+        }
+        let body = steps.pop().unwrap_or_default();
+        self.task
+            .workflows
+            .push(ChildWorkflow { ids: ids.clone(), signature: workflow::chord(steps, body) });
+        Ok(ids)
+    }
+}
+
+impl TaskContext {
+    /// Checks one child against the task's grants and the run's limits, and counts it: its name
+    /// must be allowed, its queue too, its args a JSON list and kwargs an object, within the
+    /// size caps. Returns the parsed args and kwargs.
+    fn admit_child(
+        &mut self,
+        name: &str,
+        args: &str,
+        kwargs: &str,
+        options: &enqueue::Options,
+    ) -> Result<(serde_json::Value, serde_json::Value), HostError> {
+        if name.is_empty() || name.len() > MAX_TASK_NAME || name.chars().any(char::is_control) {
+            return Err(HostError::Invalid(format!(
+                "a child's task name must be 1 to {MAX_TASK_NAME} bytes without control characters"
+            )));
+        }
+        if !self.grants.enqueue.iter().any(|pattern| glob_match(pattern, name)) {
+            return Err(HostError::Denied(format!("task {} may not enqueue {name}", self.name)));
+        }
+        if self.children.len() + self.workflow_steps >= MAX_CHILDREN {
+            return Err(HostError::Invalid(format!("more than {MAX_CHILDREN} child tasks")));
+        }
+        let payload = args.len() + kwargs.len();
+        if payload > MAX_CHILD_PAYLOAD {
+            return Err(HostError::Invalid(format!(
+                "child arguments exceed {MAX_CHILD_PAYLOAD} bytes"
+            )));
+        }
+        if self.children_bytes + payload > MAX_CHILDREN_BYTES {
+            return Err(HostError::Invalid(format!(
+                "the children of one run may carry at most {MAX_CHILDREN_BYTES} bytes of arguments"
+            )));
+        }
+        let args: serde_json::Value = serde_json::from_str(args)
+            .map_err(|e| HostError::Invalid(format!("child args are not JSON: {e}")))?;
+        let kwargs: serde_json::Value = serde_json::from_str(kwargs)
+            .map_err(|e| HostError::Invalid(format!("child kwargs are not JSON: {e}")))?;
+        if !args.is_array() || !kwargs.is_object() {
+            return Err(HostError::Invalid("child args must be a list, kwargs an object".into()));
+        }
+        if let Some(queue) = &options.queue {
+            crate::broker::check_queue_name(queue).map_err(HostError::Denied)?;
+            if !self.grants.child_queues.iter().any(|pattern| glob_match(pattern, queue)) {
+                return Err(HostError::Denied(format!(
+                    "task {} may not send to queue {queue:?} (allowed: {:?})",
+                    self.name, self.grants.child_queues
+                )));
+            }
+        }
+        if options.priority.is_some_and(|p| p > 9) {
+            return Err(HostError::Invalid("priority must be 0-9".into()));
+        }
+        self.children_bytes += payload;
+        Ok((args, kwargs))
+    }
+
+    /// Admits every step of a workflow, or none: returns their new ids and signatures. The
+    /// steps count as children against the run's limits.
+    fn admit_steps(
+        &mut self,
+        steps: &[enqueue::Step],
+    ) -> Result<(Vec<String>, Vec<serde_json::Value>), HostError> {
+        if steps.is_empty() {
+            return Err(HostError::Invalid("a workflow needs at least one step".into()));
+        }
+        let (bytes, count) = (self.children_bytes, self.workflow_steps);
+        let mut out = (Vec::new(), Vec::new());
+        for step in steps {
+            let admitted = self.admit_child(&step.name, &step.args, &step.kwargs, &step.options);
+            let (args, kwargs) = match admitted {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    (self.children_bytes, self.workflow_steps) = (bytes, count);
+                    return Err(e);
+                }
+            };
+            self.workflow_steps += 1;
+            let id = uuid::Uuid::new_v4().to_string();
+            out.1.push(workflow::step(&id, step, args, kwargs));
+            out.0.push(id);
+        }
+        Ok(out)
+    }
+}
+
+/// Celery signature dicts for the workflows a task sends, with every id frozen, so the worker
+/// sends them exactly as it follows a Python client's (`crate::canvas`).
+mod workflow {
+    use super::enqueue;
+    use serde_json::{Value, json};
+
+    /// One step as a plain signature.
+    pub(super) fn step(id: &str, step: &enqueue::Step, args: Value, kwargs: Value) -> Value {
+        let mut options = json!({"task_id": id});
+        if let Some(queue) = &step.options.queue {
+            options["queue"] = json!(queue);
+        }
+        if let Some(priority) = step.options.priority {
+            options["priority"] = json!(priority);
+        }
+        if let Some(ms) = step.options.countdown_ms {
+            options["countdown"] = json!(ms as f64 / 1000.0);
+        }
+        json!({"task": step.name, "args": args, "kwargs": kwargs, "options": options,
+               "subtask_type": null, "immutable": step.immutable})
+    }
+
+    pub(super) fn chain(steps: Vec<Value>) -> Value {
+        json!({"task": "celery.chain", "args": [], "kwargs": {"tasks": steps}, "options": {},
+               "subtask_type": "chain", "immutable": false})
+    }
+
+    pub(super) fn group(steps: Vec<Value>) -> Value {
+        let id = uuid::Uuid::new_v4().to_string();
+        json!({"task": "celery.group", "args": [], "kwargs": {"tasks": steps},
+               "options": {"task_id": id}, "subtask_type": "group", "immutable": false})
+    }
+
+    pub(super) fn chord(header: Vec<Value>, body: Value) -> Value {
+        let header = group(header);
+        json!({"task": "celery.chord", "args": [], "kwargs": {"header": header, "body": body},
+               "options": {"task_id": header["options"]["task_id"]}, "subtask_type": "chord",
+               "immutable": false})
     }
 }
 

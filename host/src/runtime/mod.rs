@@ -15,8 +15,8 @@ pub use host::{
 };
 pub use limits::{EPOCH_TICK, Limits, MemoryLimiter};
 pub use outcome::{
-    ChildTask, MAX_ERROR_TEXT, MAX_EXC_TYPE, Outcome, Progress, ProgressReceiver, ProgressSender,
-    RunReport, cap_text, progress_channel,
+    ChildTask, ChildWorkflow, MAX_ERROR_TEXT, MAX_EXC_TYPE, Outcome, Progress, ProgressReceiver,
+    ProgressSender, RunReport, cap_text, progress_channel,
 };
 pub use output::OutputTail;
 
@@ -389,6 +389,8 @@ impl Runtime {
                 soft_deadline: limits.soft_time_limit.map(|d| deadline(now, d)),
                 hard_deadline: deadline(now, limits.hard_time_limit),
                 children: Vec::new(),
+                workflows: Vec::new(),
+                workflow_steps: 0,
                 children_bytes: 0,
                 progress: env.progress,
                 log_budget: host::LogBudget::new(),
@@ -434,6 +436,7 @@ impl Runtime {
             fuel_used: None,
             peak_memory: 0,
             children: Vec::new(),
+            workflows: Vec::new(),
             output: String::new(),
         };
         let mut store = match self.store(
@@ -525,6 +528,7 @@ impl Runtime {
         };
         if report.outcome.is_success() {
             report.children = std::mem::take(&mut store.data_mut().task.children);
+            report.workflows = std::mem::take(&mut store.data_mut().task.workflows);
         }
         report
     }

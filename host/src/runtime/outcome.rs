@@ -164,6 +164,16 @@ pub struct ChildTask {
     pub countdown: Option<Duration>,
 }
 
+/// A workflow of children a task sent (a chain, group or chord): a Celery signature dict with
+/// every id frozen, which the worker sends as it follows a Python client's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildWorkflow {
+    /// The steps' ids, as the task was given them.
+    pub ids: Vec<String>,
+    /// The signature.
+    pub signature: serde_json::Value,
+}
+
 /// A progress report made during the run (Celery's `update_state`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Progress {
@@ -195,6 +205,8 @@ pub struct RunReport {
     pub wall: Duration,
     /// How long making the fresh instance took, when it got that far.
     pub instantiate: Option<Duration>,
+    /// Chains, groups and chords of children, sent on success like `children`.
+    pub workflows: Vec<ChildWorkflow>,
     /// Fuel consumed, when the task had a fuel budget.
     pub fuel_used: Option<u64>,
     /// Largest linear memory the instance asked for, in bytes.

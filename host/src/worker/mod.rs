@@ -700,14 +700,26 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             let mut then = Vec::with_capacity(report.children.len());
             let mut children: Vec<String> =
                 report.children.iter().map(|c| self.publish_child(&mut then, msg, c)).collect();
-            // Callbacks, then the next chain step: sent with the ack, listed as children.
-            let followed = msg.workflow.as_deref().map(|wf| {
-                let result = serde_json::from_str(result).unwrap_or(Value::Null);
-                canvas::on_success(wf, &self.origin(msg), &result)
-            });
+            // The chains, groups and chords it sent, then its callbacks and the next step of
+            // its own chain: all sent with the ack, listed as children.
+            let from = self.origin(msg);
+            let followed = report
+                .workflows
+                .iter()
+                .map(|w| canvas::send(&w.signature, &from))
+                .chain(msg.workflow.as_deref().map(|wf| {
+                    let result = serde_json::from_str(result).unwrap_or(Value::Null);
+                    canvas::on_success(wf, &from, &result)
+                }))
+                .try_fold(canvas::Followed::default(), |mut all, f| {
+                    let f = f?;
+                    all.sent.extend(f.sent);
+                    all.chord_sizes.extend(f.chord_sizes);
+                    Ok::<_, canvas::CanvasError>(all)
+                });
             let mut chords = Chords::default();
-            let followed = match followed.transpose() {
-                Ok(followed) => followed.unwrap_or_default(),
+            let followed = match followed {
+                Ok(followed) => followed,
                 Err(e) => {
                     let meta = protocol::result_meta_json(
                         &msg.id,

@@ -1,12 +1,12 @@
-//! Diagnostic tasks: `noop`, `add`, `tsum`, `sleep`, `spin`, `fail` and `flaky`, for smoke
-//! tests, benchmarks and the Celery interop tests (`add` and `tsum` are the steps and chord
-//! bodies of the workflow tests).
+//! Diagnostic tasks: `noop`, `add`, `tsum`, `fanout`, `sleep`, `spin`, `fail` and `flaky`, for
+//! smoke tests, benchmarks and the Celery interop tests (`add` and `tsum` are the steps and
+//! chord bodies of the workflow tests, `fanout` sends them as a chain, group or chord).
 //!
 //! Built with the workspace (`cargo build`); run one with
 //! `celeriac run diagnostics.noop --args '[42]'`.
 
 use celeriac_sdk::serde_json::Value;
-use celeriac_sdk::{Context, TaskError, TaskResult, task};
+use celeriac_sdk::{Context, Step, TaskError, TaskResult, task};
 use std::time::{Duration, Instant};
 
 task! {
@@ -29,6 +29,32 @@ task! {
             .iter()
             .try_fold(0i64, |sum, v| sum.checked_add(*v))
             .ok_or_else(|| TaskError::invalid("the sum overflows"))
+    }
+
+    /// Sends `n` children as one workflow (`kind`: `chain`, `group` or `chord`) of
+    /// `diagnostics.add` steps, and returns their ids: a chain of `add(1, 1)` then `add(1)`
+    /// (result `n + 1`), a group of `add(i, i)`, or a chord of those whose body is
+    /// `diagnostics.tsum` (result `n * (n - 1)`, its id last). Needs those two names granted.
+    #[task(name = "diagnostics.fanout", queue = "default")]
+    pub fn fanout(cx: &Context, kind: String, n: u32) -> TaskResult<Vec<String>> {
+        let step = |args: &[u32]| Step::new("diagnostics.add", &args).map_err(TaskError::from);
+        let sent = match kind.as_str() {
+            "chain" => {
+                let mut steps = vec![step(&[1, 1])?];
+                for _ in 1..n {
+                    steps.push(step(&[1])?);
+                }
+                cx.chain(&steps)
+            }
+            "group" => cx.group(&(0..n).map(|i| step(&[i, i])).collect::<Result<Vec<_>, _>>()?),
+            "chord" => {
+                let header = (0..n).map(|i| step(&[i, i])).collect::<Result<Vec<_>, _>>()?;
+                let body = Step::new("diagnostics.tsum", &[0u32; 0]).map_err(TaskError::from)?;
+                cx.chord(&header, &body)
+            }
+            other => return Err(TaskError::invalid(format!("no workflow kind {other:?}"))),
+        };
+        sent.map_err(TaskError::from)
     }
 
     /// Sleeps for `ms` milliseconds (a task that waits), returning early when cancelled.
@@ -102,7 +128,7 @@ fn busy_work(seed: u64) -> u32 {
 }
 
 #[cfg(target_arch = "wasm32")]
-celeriac_sdk::export_tasks!(noop, add, tsum, sleep, spin, fail, flaky);
+celeriac_sdk::export_tasks!(noop, add, tsum, fanout, sleep, spin, fail, flaky);
 
 #[cfg(test)]
 mod tests {
