@@ -1,6 +1,7 @@
 //! The `celeriac` command line.
 
 use crate::broker::{Broker, BrokerOptions, MemoryBroker, RedisBroker};
+use crate::canvas::Router as _;
 use crate::client;
 use crate::config::{Config, Overrides, TaskSettings};
 use crate::kv::KvStore;
@@ -55,6 +56,9 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Send a task; prints its id.
     Enqueue(EnqueueArgs),
+    /// Fire the periodic tasks of `[beat."name"]`. Run as many as you like: one leads, the
+    /// others stand by, and every tick fires once.
+    Beat(BeatArgs),
     /// Serve the HTTP API without running tasks: send, read and revoke tasks, look at queues,
     /// workers and dead letters, and scrape queue metrics.
     Api(ApiArgs),
@@ -202,9 +206,34 @@ impl InspectWhat {
     }
 }
 
+/// `celeriac beat ...`
+#[derive(Debug, Args)]
+pub struct BeatArgs {
+    /// `status`: the entries, their last tick and next due time, the leader and its epoch.
+    #[command(subcommand)]
+    pub command: Option<BeatCommand>,
+    /// How long the leader's lease lasts without renewal: a standby takes over this long after
+    /// the leader dies (it is renewed every second).
+    #[arg(long, default_value = "10s")]
+    pub lease_ttl: HumanDuration,
+    /// This beat's name in the lease.
+    #[arg(short = 'n', long)]
+    pub hostname: Option<String>,
+}
+
+/// `celeriac beat <command>`
+#[derive(Debug, Subcommand)]
+pub enum BeatCommand {
+    /// Print the entries, last ticks, next due times, the leader and its epoch, as JSON.
+    Status,
+}
+
 /// `celeriac worker ...`
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
+    /// Also run a beat in this process (`celeriac beat`), leading or standing by.
+    #[arg(long)]
+    pub beat: bool,
     /// Queues to consume, in priority order [default: the queues of the loaded tasks]. Give
     /// weights (`-Q high:6,default:3,low:1`) to consume them weighted instead of strictly.
     #[arg(short = 'Q', long, value_delimiter = ',')]
@@ -374,6 +403,10 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
             enqueue(&config, &prefix, args).await
         }
+        Command::Beat(args) => {
+            let config = Config::load(cli.config.as_deref(), &overrides)?;
+            beat(&config, &prefix, args).await
+        }
         Command::Api(args) => {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
             api(&config, &prefix, args).await
@@ -512,6 +545,60 @@ fn parse_queue_weights(specs: &[String]) -> anyhow::Result<(Vec<String>, Vec<u32
 }
 
 /// `memory://` lives inside one process; only `celeriac demo` can use it.
+/// The queue a task goes to when neither its beat entry nor a worker's modules say: its table
+/// in the configuration, a routing rule, else Celery's default.
+fn configured_queue(config: &Config, name: &str) -> String {
+    config
+        .tasks
+        .get(name)
+        .and_then(|t| t.queue.clone())
+        .or_else(|| config.route(name).map(String::from))
+        .unwrap_or_else(|| "celery".into())
+}
+
+/// A beat node's name: `-n`, else `beat@<host>:<pid>`.
+fn beat_node(name: Option<String>) -> String {
+    name.unwrap_or_else(|| format!("beat@{}:{}", protocol::hostname(), std::process::id()))
+}
+
+async fn beat(config: &Config, prefix: &str, args: BeatArgs) -> anyhow::Result<i32> {
+    redis_only(&config.broker)?;
+    let opts = BrokerOptions { global_prefix: prefix.to_string(), ..BrokerOptions::default() };
+    let broker = RedisBroker::connect(&config.broker, opts).await?;
+    let entries = config.beat_entries(|name| configured_queue(config, name))?;
+    if let Some(BeatCommand::Status) = args.command {
+        let status = crate::beat::status(&broker, &entries).await?;
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(0);
+    }
+    if entries.is_empty() {
+        anyhow::bail!("no [beat.\"name\"] entries in {}", shown_source(config));
+    }
+    broker.check_version().await?;
+    eprintln!("beat: {} entries; leading or standing by", entries.len());
+    let beat = crate::beat::Beat::new(broker, &beat_node(args.hostname), entries, args.lease_ttl.0);
+    let stop = CancellationToken::new();
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        signal.cancel();
+    });
+    beat.run(stop).await;
+    Ok(0)
+}
+
+fn shown_source(config: &Config) -> String {
+    config.source.as_deref().map_or("the configuration".into(), |p| p.display().to_string())
+}
+
 fn redis_only(url: &str) -> anyhow::Result<()> {
     if url.starts_with("memory://") {
         anyhow::bail!(
@@ -571,6 +658,7 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
     let metrics = Arc::new(crate::metrics::Metrics::new(&options.hostname, task_names)?);
     let monitoring = Monitoring { events: Some(events), subscribers: vec![metrics.clone()] };
     let (http_broker, http_results) = (broker.clone(), results.clone());
+    let (beat_broker, beat_router) = (broker.clone(), registry.clone());
     let catalog = crate::api::Catalog::new(&registry, config);
     let w = Worker::monitored(registry, broker, results, kv, options, monitoring);
     let stop_http = CancellationToken::new();
@@ -618,7 +706,20 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
             token.cancel();
         }
     });
+    // `--beat`: a beat beside the worker, routing as the worker's modules do; it stops (and
+    // gives up its lease) when the worker starts to shut down.
+    let beat = if args.beat {
+        let entries = config.beat_entries(|name| beat_router.queue_for(name))?;
+        let beat =
+            crate::beat::Beat::new(beat_broker, &beat_node(None), entries, crate::beat::LEASE_TTL);
+        Some(tokio::spawn(beat.run(shutdown.clone())))
+    } else {
+        None
+    };
     let ran = w.clone().run_until(shutdown, force).await;
+    if let Some(beat) = beat {
+        let _ = beat.await;
+    }
     stop_http.cancel();
     if let Some(http) = http {
         let _ = http.await;

@@ -54,6 +54,9 @@ pub struct ConfigFile {
     /// set in the task's own table).
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// Periodic tasks, by entry name (`[beat."cleanup-hourly"]`).
+    #[serde(default)]
+    pub beat: BTreeMap<String, crate::beat::EntrySpec>,
 }
 
 /// The queue the first rule of `routes` that matches `name` gives it.
@@ -353,6 +356,8 @@ pub struct Config {
     pub overrides: TaskSettings,
     /// Routing rules, first match wins.
     pub routes: Vec<Route>,
+    /// Periodic tasks, by entry name; each checked.
+    pub beat: BTreeMap<String, crate::beat::EntrySpec>,
 }
 
 /// A configuration that cannot be used, with every problem found.
@@ -440,6 +445,11 @@ impl Config {
                 problems.push(format!("{shown}: routes[{i}].queue: {e}"));
             }
         }
+        for (name, spec) in &file.beat {
+            if let Err(e) = crate::beat::Entry::new(name, spec, |_| "celery".into()) {
+                problems.push(format!("{shown}: {e}"));
+            }
+        }
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
@@ -478,7 +488,20 @@ impl Config {
             tasks,
             overrides: overrides.task.clone(),
             routes: file.routes,
+            beat: file.beat,
         })
+    }
+
+    /// The beat entries, each sent to its own queue, else the one `route` gives its task.
+    pub fn beat_entries(
+        &self,
+        route: impl Fn(&str) -> String,
+    ) -> Result<Vec<crate::beat::Entry>, ConfigError> {
+        self.beat
+            .iter()
+            .map(|(name, spec)| crate::beat::Entry::new(name, spec, &route))
+            .collect::<Result<_, _>>()
+            .map_err(ConfigError::one)
     }
 
     /// The queue the first matching routing rule gives `name`.

@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod beat;
 pub mod broker;
 pub mod canvas;
 pub mod cli;

@@ -1,5 +1,6 @@
 //! celeriac's integration tests, one module per concern.
 
+mod beat;
 mod broker;
 mod canvas;
 mod cli;
