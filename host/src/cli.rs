@@ -565,7 +565,19 @@ async fn beat(config: &Config, prefix: &str, args: BeatArgs) -> anyhow::Result<i
     redis_only(&config.broker)?;
     let opts = BrokerOptions { global_prefix: prefix.to_string(), ..BrokerOptions::default() };
     let broker = RedisBroker::connect(&config.broker, opts).await?;
-    let entries = config.beat_entries(|name| configured_queue(config, name))?;
+    // A task's queue is often declared by its component: read the modules when they load, so
+    // the beat routes as the workers do; without them, by the configuration alone.
+    let registry = match Registry::load(config, 1).await {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("beat: routing by the configuration alone (the modules did not load: {e})");
+            None
+        }
+    };
+    let entries = config.beat_entries(|name| match &registry {
+        Some(r) if r.get(name).is_ok() => r.queue_for(name),
+        _ => configured_queue(config, name),
+    })?;
     if let Some(BeatCommand::Status) = args.command {
         let status = crate::beat::status(&broker, &entries).await?;
         println!("{}", serde_json::to_string_pretty(&status)?);

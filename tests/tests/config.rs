@@ -134,3 +134,17 @@ async fn routing_rules_place_tasks_on_queues_below_the_task_table() {
     let e = parse("routes = [{ task = \"x\" }]\n").unwrap_err();
     assert!(e.contains("queue"), "{e}");
 }
+
+/// The repository's beat entries parse, and a bad entry is named with what is wrong.
+#[test]
+fn beat_entries_parse_and_a_bad_one_names_itself() {
+    let path = celeriac_tests::repo_root().join("celeriac.toml");
+    let config = Config::load(Some(&path), &Overrides::default()).unwrap();
+    let entries = config.beat_entries(|_| "q".into()).unwrap();
+    let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["cleanup-expired-sessions", "cleanup-temp-files"]);
+    let e = parse("[beat.nightly]\ntask = \"t\"\ncron = \"0 2 * *\"\n").unwrap_err();
+    assert!(e.contains("test.toml") && e.contains("\"nightly\"") && e.contains("5 fields"), "{e}");
+    let e = parse("[beat.x]\ntask = \"t\"\nevery = \"1m\"\nmissed = \"sometimes\"\n").unwrap_err();
+    assert!(e.contains("sometimes"), "{e}");
+}
