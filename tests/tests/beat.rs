@@ -259,3 +259,29 @@ fn a_worker_with_beat_runs_what_its_beat_fires() {
     let meta: String = results.get(&ran[0]).unwrap();
     assert!(meta.contains("\"SUCCESS\"") && meta.contains("\"beat\""), "{meta}");
 }
+
+/// Two beats tick every minute through the night clocks go back in Berlin, one 3 s behind:
+/// an entry at 02:30 fires once that night, a quarter-hourly one once per wall-clock quarter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dst_change_in_berlin_fires_each_wall_clock_time_once() {
+    let redis = RedisServer::start();
+    let berlin = "timezone = \"Europe/Berlin\"";
+    let daily = entry("daily", &format!("task = \"t\"\ncron = \"30 2 * * *\"\n{berlin}"));
+    let quarter = entry("quarter", &format!("task = \"t\"\ncron = \"*/15 2 * * *\"\n{berlin}"));
+    let ttl = Duration::from_secs(30);
+    let entries = vec![daily, quarter];
+    let mut a = Beat::new(broker(&redis).await, "a", entries.clone(), ttl);
+    let mut b = Beat::new(broker(&redis).await, "b", entries, ttl);
+    // 2026-10-25: 03:00 CEST becomes 02:00 CET, so 02:00-02:59 happens twice.
+    let mut now = at("2026-10-24T23:00:00Z");
+    while now <= at("2026-10-25T03:00:00Z") {
+        a.tick(now).await.unwrap();
+        b.tick(now - TimeDelta::seconds(3)).await.unwrap();
+        now += TimeDelta::minutes(1);
+    }
+    let count: BTreeMap<String, usize> = redis.client(0).hgetall("celeriac:beat:count").unwrap();
+    assert_eq!(count.get("daily"), Some(&1), "02:30 once");
+    assert_eq!(count.get("quarter"), Some(&4), "02:00, 02:15, 02:30, 02:45 once each");
+    let ids: Vec<String> = fired(&redis).into_iter().map(|m| m.id).collect();
+    assert_eq!(ids.len(), 5);
+}

@@ -12,7 +12,7 @@
 //!   happens twice fires once (at its first instant); when they go forward, a time that does not
 //!   exist that day does not fire.
 
-use chrono::{DateTime, NaiveDateTime, TimeZone as _, Utc};
+use chrono::{DateTime, TimeZone as _, Utc};
 use chrono_tz::Tz;
 use std::str::FromStr as _;
 use std::time::Duration;
@@ -81,7 +81,6 @@ impl Schedule {
                 // Walk back from `until`: the newest `limit` ticks, without visiting the rest.
                 let until_local = until.with_timezone(tz);
                 let mut out: Vec<DateTime<Utc>> = Vec::new();
-                let mut last_local: Option<NaiveDateTime> = None;
                 // `after_owned(t).rev()` yields the ticks before `t`, newest first; `t` itself is
                 // included by stepping one second past it.
                 let from = until_local + chrono::TimeDelta::seconds(1);
@@ -89,15 +88,11 @@ impl Schedule {
                     if t.with_timezone(&Utc) <= after {
                         break;
                     }
-                    let local = t.naive_local();
-                    if last_local == Some(local) {
-                        // The same wall-clock time again (clocks went back): one fire, at the
-                        // first instant, which comes later in this newest-first walk.
-                        out.pop();
+                    if repeated(tz, &t) {
+                        continue;
                     }
-                    last_local = Some(local);
                     out.push(t.with_timezone(&Utc));
-                    if out.len() > limit {
+                    if out.len() >= limit {
                         break;
                     }
                 }
@@ -115,17 +110,10 @@ impl Schedule {
                 let p = period.as_millis().max(1) as i64;
                 Utc.timestamp_millis_opt(after.timestamp_millis().div_euclid(p) * p + p).single()
             }
-            Schedule::Cron { schedule, tz, .. } => {
-                let mut next = schedule.after(&after.with_timezone(tz));
-                let first = next.next()?;
-                // A repeated wall-clock time fires at its first instant only.
-                let earlier = tz.from_local_datetime(&first.naive_local()).earliest();
-                match earlier {
-                    Some(e) if e < first => next.next(),
-                    _ => Some(first),
-                }
-                .map(|t| t.with_timezone(&Utc))
-            }
+            Schedule::Cron { schedule, tz, .. } => schedule
+                .after(&after.with_timezone(tz))
+                .find(|t| !repeated(tz, t))
+                .map(|t| t.with_timezone(&Utc)),
         }
     }
 
@@ -136,6 +124,12 @@ impl Schedule {
             Schedule::Every(p) => format!("every {}", crate::units::HumanDuration(*p)),
         }
     }
+}
+
+/// Whether `t` is the second instant of its wall-clock time (clocks went back): a wall-clock
+/// time fires at its first instant only, wherever the walk that finds it starts.
+fn repeated(tz: &Tz, t: &DateTime<Tz>) -> bool {
+    tz.from_local_datetime(&t.naive_local()).earliest().is_some_and(|first| first < *t)
 }
 
 /// Celery's five fields as the `cron` crate's six: seconds `0` first, and every numeric day of
