@@ -18,6 +18,7 @@ use crate::broker::Broker;
 use crate::lifecycle::{Revoked, Stage, Subscriber, TaskEvent};
 use crate::repr;
 use serde_json::{Map, Value, json};
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,8 +56,9 @@ pub struct CeleryEvents {
     clock: AtomicU64,
     /// Hours west of UTC, times 3600 (seconds), refreshed at every heartbeat so it follows DST.
     utcoffset_secs: AtomicI64,
-    /// Task events waiting to be sent, with their clocks.
-    buffer: Mutex<Vec<(u64, String)>>,
+    /// Task events waiting to be sent. Each takes its clock as it goes in, under this lock,
+    /// so the buffer is in clock order and a batch never passes an event it should follow.
+    buffer: Mutex<Vec<String>>,
     flush_now: Notify,
     beat_now: Notify,
 }
@@ -136,22 +138,30 @@ impl CeleryEvents {
         failing: &mut bool,
     ) {
         self.utcoffset_secs.store(west_of_utc_secs(), Ordering::Relaxed);
-        let event = self.worker_event(&format!("worker-{status}"), load);
+        // The task events buffered so far go first: the worker event's clock follows theirs.
+        let (pending, event) = {
+            let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+            let event = self.worker_event(&format!("worker-{status}"), load);
+            (std::mem::take(&mut *buffer), event)
+        };
+        self.send_batch(broker, pending, failing).await;
         self.send(broker, &format!("worker.{status}"), &event, failing).await;
     }
 
     /// Sends the buffered task events as one `task.multi` list.
     async fn flush<B: Broker>(&self, broker: &B, failing: &mut bool) {
-        let mut events =
-            std::mem::take(&mut *self.buffer.lock().unwrap_or_else(|p| p.into_inner()));
+        let events = std::mem::take(&mut *self.buffer.lock().unwrap_or_else(|p| p.into_inner()));
+        self.send_batch(broker, events, failing).await;
+    }
+
+    /// Sends task events, in the order given, as one `task.multi` list.
+    async fn send_batch<B: Broker>(&self, broker: &B, events: Vec<String>, failing: &mut bool) {
         if events.is_empty() {
             return;
         }
-        events.sort_unstable_by_key(|(clock, _)| *clock);
-        let mut body =
-            String::with_capacity(events.iter().map(|(_, e)| e.len() + 1).sum::<usize>() + 2);
+        let mut body = String::with_capacity(events.iter().map(|e| e.len() + 1).sum::<usize>() + 2);
         body.push('[');
-        for (i, (_, event)) in events.iter().enumerate() {
+        for (i, event) in events.iter().enumerate() {
             if i > 0 {
                 body.push(',');
             }
@@ -205,7 +215,8 @@ impl CeleryEvents {
 
     /// The Celery event for one lifecycle step, as JSON, or `None` for a step Celery has no
     /// event for. Built straight from borrowed fields: this runs on the task's path.
-    fn task_event(&self, e: &TaskEvent<'_>, clock: u64) -> Option<String> {
+    /// The clock is not in it yet: [`Subscriber::on_task`] appends it under the buffer's lock.
+    fn task_event(&self, e: &TaskEvent<'_>) -> Option<String> {
         let task = e.task?;
         let kind = match e.stage {
             Stage::Received => "task-received",
@@ -222,7 +233,6 @@ impl CeleryEvents {
             hostname: &self.hostname,
             utcoffset: self.utcoffset_hours(),
             pid: self.pid,
-            clock,
             timestamp: crate::broker::now_secs(),
             kind,
             uuid: &task.id,
@@ -268,7 +278,6 @@ struct TaskEventJson<'a> {
     hostname: &'a str,
     utcoffset: f64,
     pid: u32,
-    clock: u64,
     timestamp: f64,
     #[serde(rename = "type")]
     kind: &'a str,
@@ -310,15 +319,18 @@ impl Subscriber for CeleryEvents {
         if !self.task_events.load(Ordering::Relaxed) || !self.listening.load(Ordering::Relaxed) {
             return;
         }
-        // Built outside the lock; the flush puts the batch back in clock order.
-        let clock = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
-        let Some(event) = self.task_event(e, clock) else { return };
+        // Built outside the lock; only the clock is taken and written in under it, so events
+        // enter the buffer in clock order.
+        let Some(mut event) = self.task_event(e) else { return };
         let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
         if buffer.len() >= MAX_BUFFERED {
             // Redis is not taking them: drop this one (events are at most once).
             return;
         }
-        buffer.push((clock, event));
+        let clock = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+        event.pop(); // the object's closing brace
+        let _ = write!(event, ",\"clock\":{clock}}}");
+        buffer.push(event);
         if buffer.len() == FLUSH_AT {
             self.flush_now.notify_one();
         }
