@@ -14,6 +14,9 @@ const COMPONENTS: &[(&str, &str, &str)] = &[
     ("celeriac-task-summarize", "summarize", "tasks"),
     ("celeriac-task-diagnostics", "diagnostics", "tasks"),
     ("celeriac-fixture-hostile", "hostile", "fixtures"),
+    // The hot-deploy tests' component, in a folder of its own (both versions serve the same
+    // tasks, so they cannot share a modules folder): v1.wasm here, v2.wasm built below.
+    ("celeriac-fixture-deploy", "deploy", "fixtures/deploy"),
 ];
 
 fn main() {
@@ -59,12 +62,19 @@ fn main() {
          `rustup target add wasm32-wasip2`)"
     );
 
+    let built = |lib: &str| build_dir.join("wasm32-wasip2/wasm-tasks").join(format!("{lib}.wasm"));
     for (_, lib, dest) in COMPONENTS {
-        let from = build_dir.join("wasm32-wasip2/wasm-tasks").join(format!("{lib}.wasm"));
         let to_dir = out.join(dest);
         std::fs::create_dir_all(&to_dir).unwrap();
-        copy_if_changed(&from, &to_dir.join(format!("{lib}.wasm")));
+        let name = if *lib == "deploy" { "v1" } else { lib };
+        copy_if_changed(&built(lib), &to_dir.join(format!("{name}.wasm")));
     }
+    // The same crate with its `v2` feature: a second build, since one build unifies features.
+    // cargo keeps both artifacts apart, so neither rebuilds when nothing changed.
+    cmd.args(["--features", "celeriac-fixture-deploy/v2"]);
+    let status = cmd.status().expect("run cargo to build the deploy fixture's second version");
+    assert!(status.success(), "building the deploy fixture with its v2 feature failed");
+    copy_if_changed(&built("deploy"), &out.join("fixtures/deploy/v2.wasm"));
 }
 
 /// rustup installs the toolchain file's targets only when it installs the toolchain itself; on a

@@ -234,6 +234,11 @@ pub struct WorkerArgs {
     /// Also run a beat in this process (`celeriac beat`), leading or standing by.
     #[arg(long)]
     pub beat: bool,
+    /// Check everything the worker would start with and run nothing: the configuration, every
+    /// module, the queue names, the beat entries with --beat, and that the broker and result
+    /// backend answer (and run Redis 6.2 or newer). Exits 0 when all is well.
+    #[arg(long)]
+    pub check: bool,
     /// Queues to consume, in priority order [default: the queues of the loaded tasks]. Give
     /// weights (`-Q high:6,default:3,low:1`) to consume them weighted instead of strictly.
     #[arg(short = 'Q', long, value_delimiter = ',')]
@@ -397,7 +402,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Worker(args) => {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
-            worker(&config, &prefix, args).await
+            worker(&config, &overrides, &prefix, args).await
         }
         Command::Enqueue(args) => {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
@@ -405,7 +410,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Beat(args) => {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
-            beat(&config, &prefix, args).await
+            beat(&config, &overrides, &prefix, args).await
         }
         Command::Api(args) => {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
@@ -561,7 +566,24 @@ fn beat_node(name: Option<String>) -> String {
     name.unwrap_or_else(|| format!("beat@{}:{}", protocol::hostname(), std::process::id()))
 }
 
-async fn beat(config: &Config, prefix: &str, args: BeatArgs) -> anyhow::Result<i32> {
+/// The beat entries of `config`, routed as `registry`'s modules route, else by the
+/// configuration alone.
+fn beat_schedule(
+    config: &Config,
+    registry: Option<&Registry>,
+) -> Result<Vec<crate::beat::Entry>, crate::config::ConfigError> {
+    config.beat_entries(|name| match registry {
+        Some(r) if r.get(name).is_ok() => r.queue_for(name),
+        _ => configured_queue(config, name),
+    })
+}
+
+async fn beat(
+    config: &Config,
+    overrides: &Overrides,
+    prefix: &str,
+    args: BeatArgs,
+) -> anyhow::Result<i32> {
     redis_only(&config.broker)?;
     let opts = BrokerOptions { global_prefix: prefix.to_string(), ..BrokerOptions::default() };
     let broker = RedisBroker::connect(&config.broker, opts).await?;
@@ -574,10 +596,7 @@ async fn beat(config: &Config, prefix: &str, args: BeatArgs) -> anyhow::Result<i
             None
         }
     };
-    let entries = config.beat_entries(|name| match &registry {
-        Some(r) if r.get(name).is_ok() => r.queue_for(name),
-        _ => configured_queue(config, name),
-    })?;
+    let entries = beat_schedule(config, registry.as_ref())?;
     if let Some(BeatCommand::Status) = args.command {
         let status = crate::beat::status(&broker, &entries).await?;
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -588,8 +607,34 @@ async fn beat(config: &Config, prefix: &str, args: BeatArgs) -> anyhow::Result<i
     }
     broker.check_version().await?;
     eprintln!("beat: {} entries; leading or standing by", entries.len());
-    let beat = crate::beat::Beat::new(broker, &beat_node(args.hostname), entries, args.lease_ttl.0);
+    let count = entries.len();
+    let (reloaded, updates) = tokio::sync::watch::channel(entries.clone());
+    let mut beat =
+        crate::beat::Beat::new(broker, &beat_node(args.hostname), entries, args.lease_ttl.0);
+    beat.follow(updates);
+    // SIGHUP re-reads the configuration; an invalid one is refused and the entries stay.
+    let (source, overrides) = (config.source.clone(), overrides.clone());
+    tokio::spawn(async move {
+        let hangup = tokio::signal::unix::SignalKind::hangup();
+        let Ok(mut hangups) = tokio::signal::unix::signal(hangup) else { return };
+        while hangups.recv().await.is_some() {
+            let read = Config::load(source.as_deref(), &overrides)
+                .and_then(|c| beat_schedule(&c, registry.as_ref()));
+            match read {
+                Ok(entries) => {
+                    let _ = reloaded.send(entries);
+                }
+                Err(e) => {
+                    for problem in &e.problems {
+                        tracing::warn!("beat configuration reload refused: {problem}");
+                    }
+                }
+            }
+        }
+    });
     let stop = CancellationToken::new();
+    let notifier = crate::systemd::Notifier::from_env();
+    let attendant = crate::systemd::attend_beat(&notifier, beat.pulse(), count, stop.clone());
     let signal = stop.clone();
     tokio::spawn(async move {
         let Ok(mut term) =
@@ -603,7 +648,7 @@ async fn beat(config: &Config, prefix: &str, args: BeatArgs) -> anyhow::Result<i
         }
         signal.cancel();
     });
-    beat.run(stop).await;
+    tokio::join!(beat.run(stop), attendant);
     Ok(0)
 }
 
@@ -624,7 +669,12 @@ fn broker_options(prefix: &str) -> BrokerOptions {
     BrokerOptions { global_prefix: prefix.to_string(), ..BrokerOptions::default() }
 }
 
-async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Result<i32> {
+async fn worker(
+    config: &Config,
+    overrides: &Overrides,
+    prefix: &str,
+    args: WorkerArgs,
+) -> anyhow::Result<i32> {
     redis_only(&config.broker)?;
     let (named, weights) = parse_queue_weights(&args.queues)?;
     let registry = Arc::new(Registry::load(config, args.concurrency as u32).await?);
@@ -643,6 +693,7 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
     }
     // Without -Q: every queue the tasks are routed to, plus Celery's default, taking equal
     // turns. Strict order would let a busy queue early in the list starve the later ones.
+    let queues_from_tasks = named.is_empty();
     let (queues, weights) = if named.is_empty() {
         let mut q: Vec<String> = registry.tasks().map(|e| e.spec.queue.clone()).collect();
         q.push("celery".into());
@@ -654,6 +705,22 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
     } else {
         (named, weights)
     };
+    if args.check {
+        if args.beat {
+            config.beat_entries(|name| registry.queue_for(name))?;
+        }
+        results.ping().await.context("the result backend does not answer")?;
+        println!(
+            "ok: {}; {} tasks from {}; broker {} and result backend {} answer; would consume {}",
+            shown_source(config),
+            registry.tasks().count(),
+            config.modules.display(),
+            crate::broker::masked_url(&config.broker),
+            crate::broker::masked_url(&config.result_backend),
+            queues.join(", ")
+        );
+        return Ok(0);
+    }
     let hostname = args.hostname.unwrap_or_else(|| format!("celeriac@{}", protocol::hostname()));
     let options = WorkerOptions {
         queues,
@@ -668,9 +735,21 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
     events.set_task_events(!args.no_task_events);
     let task_names: Vec<String> = registry.tasks().map(|e| e.info.name.clone()).collect();
     let metrics = Arc::new(crate::metrics::Metrics::new(&options.hostname, task_names)?);
+    let modules_to_metrics = {
+        let metrics = metrics.clone();
+        move |r: &Registry| {
+            let modules = r.modules().iter().map(|m| {
+                let file = m.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                (file, m.version.to_string())
+            });
+            metrics.set_modules(modules, r.tasks().map(|e| e.info.name.clone()));
+        }
+    };
+    modules_to_metrics(&registry);
     let monitoring = Monitoring { events: Some(events), subscribers: vec![metrics.clone()] };
     let (http_broker, http_results) = (broker.clone(), results.clone());
     let (beat_broker, beat_router) = (broker.clone(), registry.clone());
+    let systemd_broker = broker.clone();
     let catalog = crate::api::Catalog::new(&registry, config);
     let w = Worker::monitored(registry, broker, results, kv, options, monitoring);
     let stop_http = CancellationToken::new();
@@ -720,15 +799,58 @@ async fn worker(config: &Config, prefix: &str, args: WorkerArgs) -> anyhow::Resu
     });
     // `--beat`: a beat beside the worker, routing as the worker's modules do; it stops (and
     // gives up its lease) when the worker starts to shut down.
+    // A reload hands it the new entries.
+    let mut beat_entries = None;
     let beat = if args.beat {
         let entries = config.beat_entries(|name| beat_router.queue_for(name))?;
-        let beat =
+        let (reloaded, updates) = tokio::sync::watch::channel(entries.clone());
+        beat_entries = Some(reloaded);
+        let mut beat =
             crate::beat::Beat::new(beat_broker, &beat_node(None), entries, crate::beat::LEASE_TTL);
+        beat.follow(updates);
         Some(tokio::spawn(beat.run(shutdown.clone())))
     } else {
         None
     };
+    let on_swap = move |config: &Config, registry: &Registry| {
+        modules_to_metrics(registry);
+        if let Some(reloaded) = &beat_entries {
+            match config.beat_entries(|name| registry.queue_for(name)) {
+                Ok(entries) => {
+                    let _ = reloaded.send(entries);
+                }
+                Err(e) => tracing::warn!("beat entries not reloaded: {e}"),
+            }
+        }
+    };
+    // Under systemd: READY=1 once consuming, the status line and a watchdog fed only while the
+    // worker is alive, STOPPING=1 when the shutdown begins.
+    let attended = CancellationToken::new();
+    let attendant = tokio::spawn(crate::systemd::attend_worker(
+        Arc::new(crate::systemd::Notifier::from_env()),
+        w.clone(),
+        systemd_broker,
+        args.grace.0,
+        shutdown.clone(),
+        attended.clone(),
+    ));
+    // A module dropped into the folder, replaced or removed, and SIGHUP's re-read
+    // configuration, each swapped in while the worker runs.
+    let reloader = crate::reload::Reloader::new(
+        w.clone(),
+        config.clone(),
+        overrides.clone(),
+        args.concurrency as u32,
+        queues_from_tasks,
+        Box::new(on_swap),
+    );
+    let stop_reload = CancellationToken::new();
+    let reloading = tokio::spawn(reloader.run(stop_reload.clone()));
     let ran = w.clone().run_until(shutdown, force).await;
+    stop_reload.cancel();
+    let _ = reloading.await;
+    attended.cancel();
+    let _ = attendant.await;
     if let Some(beat) = beat {
         let _ = beat.await;
     }
@@ -992,7 +1114,7 @@ async fn modules_check(config: &Config) -> anyhow::Result<i32> {
                 format!("compiled; cache refused: {why}")
             }
         };
-        println!("{} ({from})", module.path.display());
+        println!("{} version {} ({from})", module.path.display(), module.version);
         for entry in registry.tasks().filter(|e| e.module.path == module.path) {
             let s = &entry.spec;
             let soft = s.limits.soft_time_limit.map(|d| format!("{d:?}")).unwrap_or("-".into());

@@ -85,8 +85,10 @@ pub trait Node: Send + Sync {
     fn stats(&self) -> Value;
     /// The running tasks, as Celery's `active` lists them.
     fn active(&self) -> Value;
-    /// The task names this worker runs.
-    fn registered(&self) -> Vec<String>;
+    /// The task names this worker runs. With Celery's `taskinfoitems` (`celery inspect
+    /// registered module queue`), each name is followed by those attributes, as Celery shows
+    /// them: `name [module=deploy.wasm@1f2e3d4c5b6a queue=default]`.
+    fn registered(&self, items: &[String]) -> Vec<String>;
     /// The queues it consumes, in its order.
     fn queues(&self) -> Vec<String>;
     /// The settings worth showing for `conf`.
@@ -264,7 +266,15 @@ async fn answer(
         "hello" => json!({"revoked": {}, "clock": 0}),
         "stats" => node.stats(),
         "active" => node.active(),
-        "registered" => json!(node.registered()),
+        "registered" => {
+            let items: Vec<String> = match &args["taskinfoitems"] {
+                Value::Array(a) => {
+                    a.iter().filter_map(|i| i.as_str().map(str::to_string)).collect()
+                }
+                _ => Vec::new(),
+            };
+            json!(node.registered(&items))
+        }
         "active_queues" => Value::Array(node.queues().iter().map(|q| queue_info(q)).collect()),
         "conf" => node.conf(),
         // Nothing is held unstarted: a worker takes only messages for its free slots, and ETA

@@ -9,6 +9,8 @@
 //! - [`config`]: the TOML configuration, validated whole before anything runs, resolved per task
 //!   into limits and grants.
 //! - [`registry`]: the loaded modules and which task each one serves.
+//! - [`reload`]: a running worker's modules folder watched and its configuration re-read on
+//!   SIGHUP, each swapped in as a new registry.
 //! - [`kv`]: the store behind the tasks' key-value import.
 //! - [`worker`]: the worker loop and the life of one task, top to bottom.
 //! - [`lifecycle`]: the one stream of task events the worker emits, and its subscriber trait.
@@ -22,6 +24,8 @@
 //! - [`client`]: enqueue, status, revoke and dead-letter commands.
 //! - [`demo`]: `celeriac demo`, the example tasks end to end in one process.
 //! - [`control`]: Celery's remote control (`inspect`, `revoke`, ...) over the pidbox channel.
+//! - [`systemd`]: the service manager's notify protocol: readiness, status, a watchdog fed only
+//!   while the worker is alive, stopping.
 //! - [`units`]: human durations and sizes (`5m`, `64MiB`).
 //! - [`cli`]: the `celeriac` command line.
 #![warn(missing_docs)]
@@ -42,9 +46,11 @@ pub mod metrics;
 pub mod overview;
 pub mod protocol;
 pub mod registry;
+pub mod reload;
 pub mod repr;
 pub mod results;
 pub mod runtime;
+pub mod systemd;
 pub mod tail;
 pub mod units;
 pub mod worker;

@@ -173,6 +173,7 @@ impl Subscriber for LogLine {
                 retries,
                 runtime_ms = report.wall.as_secs_f64() * 1000.0,
                 outcome = report.outcome.kind(),
+                module_version = report.module_version.as_deref().unwrap_or("-"),
                 "task finished"
             ),
             (_, None) => {}

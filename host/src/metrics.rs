@@ -41,8 +41,10 @@ const UNREGISTERED: &str = "unregistered";
 pub struct Metrics {
     registry: Registry,
     hostname: String,
-    /// The task names that get their own series.
-    known: HashSet<String>,
+    /// The task names that get their own series (a deploy changes them).
+    known: RwLock<HashSet<String>>,
+    /// `celeriac_module_info`: 1 for each loaded module and version.
+    modules: IntGaugeVec,
     /// `celeriac_task_<stage>_total` for each stage but `failed`, in `STAGES` order.
     stages: Vec<IntCounterVec>,
     failed: IntCounterVec,
@@ -191,13 +193,18 @@ impl Metrics {
         }
         registry.register(Box::new(reconnects.clone()))?;
         registry.register(Box::new(oldest_age.clone()))?;
-        for g in [&worker_up, &active, &queue_length, &dlq_length] {
+        let modules = IntGaugeVec::new(
+            Opts::new("module_info", "1 for each loaded module file and its version"),
+            &["module", "version"],
+        )?;
+        for g in [&worker_up, &active, &queue_length, &dlq_length, &modules] {
             registry.register(Box::new(g.clone()))?;
         }
         Ok(Metrics {
             registry,
             hostname: node.split_once('@').map_or(node, |(_, host)| host).to_string(),
-            known: tasks.into_iter().collect(),
+            known: RwLock::new(tasks.into_iter().collect()),
+            modules,
             stages,
             failed,
             runtime,
@@ -237,6 +244,21 @@ impl Metrics {
         series
     }
 
+    /// The loaded modules (file and version) and the tasks they serve, after a start or a
+    /// deploy: the tasks get their own series, and `module_info` shows exactly these modules.
+    pub fn set_modules(
+        &self,
+        modules: impl IntoIterator<Item = (String, String)>,
+        tasks: impl IntoIterator<Item = String>,
+    ) {
+        self.modules.reset();
+        for (module, version) in modules {
+            self.modules.with_label_values(&[&module, &version]).set(1);
+        }
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        known.extend(tasks);
+    }
+
     /// Marks the worker up or down.
     pub fn set_up(&self, up: bool) {
         self.worker_up.with_label_values(&[&self.hostname]).set(i64::from(up));
@@ -270,7 +292,8 @@ impl Metrics {
     }
 
     fn name<'a>(&self, task: &'a str) -> &'a str {
-        if self.known.contains(task) { task } else { UNREGISTERED }
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner()).contains(task);
+        if known { task } else { UNREGISTERED }
     }
 }
 

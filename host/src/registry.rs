@@ -42,28 +42,13 @@ impl Registry {
     /// Builds the runtime for `config`, loads every module in its modules folder and resolves each
     /// task. `max_instances` is the most tasks that will run at once.
     pub async fn load(config: &Config, max_instances: u32) -> anyhow::Result<Registry> {
-        let layers = std::iter::once(&config.defaults)
-            .chain(config.tasks.values())
-            .chain(std::iter::once(&config.overrides));
-        let mut runtime_config = RuntimeConfig {
-            max_instances: max_instances.max(1) + 2,
-            cache_dir: config.cache.clone(),
-            ..RuntimeConfig::default()
-        };
-        for layer in layers {
-            runtime_config.fuel |= layer.fuel.is_some();
-            if let Some(m) = layer.memory {
-                runtime_config.max_memory = runtime_config.max_memory.max(m.0);
-            }
-        }
+        let mut runtime_config = runtime_config(config, max_instances);
         let registry = Self::load_with(config, runtime_config.clone()).await?;
         // A component's own `describe` may ask for fuel or a bigger memory than the engine was
         // built for; that is only known after loading, so build once more to fit.
-        let needs_fuel = registry.tasks.values().any(|e| e.spec.limits.fuel.is_some());
-        let max_memory = registry.tasks.values().map(|e| e.spec.limits.memory).max().unwrap_or(0);
-        if (needs_fuel && !runtime_config.fuel) || max_memory > runtime_config.max_memory {
-            runtime_config.fuel |= needs_fuel;
-            runtime_config.max_memory = runtime_config.max_memory.max(max_memory);
+        if !registry.fits() {
+            runtime_config.fuel |= registry.needs_fuel();
+            runtime_config.max_memory = runtime_config.max_memory.max(registry.max_memory());
             return Self::load_with(config, runtime_config).await;
         }
         Ok(registry)
@@ -73,6 +58,92 @@ impl Registry {
         let runtime = Arc::new(Runtime::new(runtime_config)?);
         let modules: Vec<Arc<Module>> =
             runtime.load_dir(&config.modules).await?.into_iter().map(Arc::new).collect();
+        Self::resolve(config, runtime, modules)
+    }
+
+    /// What the modules folder and `config` make now, built beside this registry for a swap:
+    /// a module whose file did not change is reused as it is, a changed or new one is loaded.
+    /// One that fails to load is refused (the reason is in the second part of the answer): its
+    /// last good version, if this registry has one, goes on serving. An error means the new
+    /// registry as a whole would not work (a task served twice, a configured task nobody
+    /// serves, a bad setting); this one then stays. `max_instances` sizes a new engine, needed
+    /// only when the tasks now ask for fuel or more memory than this engine was built for.
+    pub async fn reload(
+        &self,
+        config: &Config,
+        max_instances: u32,
+    ) -> anyhow::Result<(Registry, Vec<String>)> {
+        let mut paths: Vec<std::path::PathBuf> = std::fs::read_dir(&config.modules)
+            .map_err(|e| anyhow::anyhow!("read modules folder {}: {e}", config.modules.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+            .collect();
+        paths.sort();
+        let mut modules = Vec::with_capacity(paths.len());
+        let mut refused = Vec::new();
+        for path in paths {
+            let last = self.modules.iter().find(|m| m.path == path);
+            let loaded = match std::fs::read(&path) {
+                Ok(wasm) => {
+                    let version = crate::runtime::module_version(&wasm);
+                    match last.filter(|m| *m.version == *version) {
+                        Some(same) => Ok(same.clone()),
+                        None => self.runtime.load_bytes(&path, &wasm).await.map(Arc::new),
+                    }
+                }
+                Err(e) => Err(anyhow::anyhow!("read {}: {e}", path.display())),
+            };
+            match (loaded, last) {
+                (Ok(module), _) => modules.push(module),
+                (Err(e), Some(last)) => {
+                    refused.push(format!("{e:#}; version {} goes on serving", last.version));
+                    modules.push(last.clone());
+                }
+                (Err(e), None) => refused.push(format!("{e:#}; not loaded")),
+            }
+        }
+        let registry = Self::resolve(config, self.runtime.clone(), modules)?;
+        let wanted = runtime_config(config, max_instances);
+        let engine = self.runtime.config();
+        let grown = (wanted.fuel && !engine.fuel) || wanted.max_memory > engine.max_memory;
+        if !grown && registry.fits() {
+            return Ok((registry, refused));
+        }
+        // Modules belong to the engine that compiled them: a bigger engine loads them all again
+        // (from the disk cache, mostly).
+        let mut bigger = wanted;
+        bigger.fuel |= engine.fuel || registry.needs_fuel();
+        bigger.max_memory = bigger.max_memory.max(engine.max_memory).max(registry.max_memory());
+        let runtime = Arc::new(Runtime::new(bigger)?);
+        let mut modules = Vec::with_capacity(registry.modules.len());
+        for module in &registry.modules {
+            let wasm = std::fs::read(&module.path)
+                .map_err(|e| anyhow::anyhow!("read {}: {e}", module.path.display()))?;
+            modules.push(Arc::new(runtime.load_bytes(&module.path, &wasm).await?));
+        }
+        Ok((Self::resolve(config, runtime, modules)?, refused))
+    }
+
+    /// Whether the engine can run every task under its limits.
+    fn fits(&self) -> bool {
+        let engine = self.runtime.config();
+        (engine.fuel || !self.needs_fuel()) && self.max_memory() <= engine.max_memory
+    }
+
+    fn needs_fuel(&self) -> bool {
+        self.tasks.values().any(|e| e.spec.limits.fuel.is_some())
+    }
+
+    fn max_memory(&self) -> u64 {
+        self.tasks.values().map(|e| e.spec.limits.memory).max().unwrap_or(0)
+    }
+
+    /// Resolves every task the modules serve under `config`.
+    fn resolve(
+        config: &Config,
+        runtime: Arc<Runtime>,
+        modules: Vec<Arc<Module>>,
+    ) -> anyhow::Result<Registry> {
         let mut tasks: BTreeMap<String, Entry> = BTreeMap::new();
         let mut problems = Vec::new();
         // Tasks some module serves, whether or not their settings were valid.
@@ -150,6 +221,25 @@ impl Registry {
             .run(&entry.module, invocation, &spec.limits, spec.grants.clone(), env)
             .await)
     }
+}
+
+/// The engine `config` asks for, with room for `max_instances` tasks at once.
+fn runtime_config(config: &Config, max_instances: u32) -> RuntimeConfig {
+    let layers = std::iter::once(&config.defaults)
+        .chain(config.tasks.values())
+        .chain(std::iter::once(&config.overrides));
+    let mut runtime_config = RuntimeConfig {
+        max_instances: max_instances.max(1) + 2,
+        cache_dir: config.cache.clone(),
+        ..RuntimeConfig::default()
+    };
+    for layer in layers {
+        runtime_config.fuel |= layer.fuel.is_some();
+        if let Some(m) = layer.memory {
+            runtime_config.max_memory = runtime_config.max_memory.max(m.0);
+        }
+    }
+    runtime_config
 }
 
 /// A task may send a child to its own queue and to the queue of any task it may enqueue (what

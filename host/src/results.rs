@@ -129,6 +129,11 @@ impl ResultBackend {
         })
     }
 
+    /// Whether the backend answers.
+    pub async fn ping(&self) -> crate::broker::BrokerResult<()> {
+        Ok(redis::cmd("PING").query_async(&mut self.conn.clone()).await?)
+    }
+
     /// The key of a task's result.
     pub fn key(&self, id: &str) -> String {
         format!("{}celery-task-meta-{id}", self.prefix)

@@ -127,6 +127,11 @@ impl RedisServer {
         }
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.kill();

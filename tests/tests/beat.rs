@@ -197,8 +197,16 @@ fn killing_the_leading_beat_process_fires_nothing_twice() {
     let first = beat("first");
     std::thread::sleep(Duration::from_millis(500));
     let second = beat("second");
-    std::thread::sleep(Duration::from_secs(3));
-    let leader: String = redis.client(0).get("celeriac:beat:leader").unwrap();
+    // Each beat loads the modules before it ticks, which takes a while on a busy machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let leader: String = loop {
+        let leader: Option<String> = redis.client(0).get("celeriac:beat:leader").unwrap();
+        match leader {
+            Some(l) if fired(&redis).len() >= 2 => break l,
+            _ => assert!(std::time::Instant::now() < deadline, "no beat led within 30 s"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let (mut leading, mut standby) =
         if leader.starts_with("first#") { (first, second) } else { (second, first) };
     leading.kill().unwrap(); // SIGKILL
@@ -284,4 +292,65 @@ async fn a_dst_change_in_berlin_fires_each_wall_clock_time_once() {
     assert_eq!(count.get("quarter"), Some(&4), "02:00, 02:15, 02:30, 02:45 once each");
     let ids: Vec<String> = fired(&redis).into_iter().map(|m| m.id).collect();
     assert_eq!(ids.len(), 5);
+}
+
+/// SIGHUP makes a running `celeriac beat` re-read its configuration: a changed entry fires
+/// from the next tick on, and an invalid file is refused (logged) while the entries stay.
+#[test]
+fn sighup_reloads_the_beat_entries_and_refuses_an_invalid_file() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("beat.toml");
+    let write = |queue: &str, every: &str| {
+        let text = format!(
+            "modules = {:?}\n[beat.\"tick\"]\ntask = \"diagnostics.noop\"\nevery = \"{every}\"\nqueue = \"{queue}\"\n",
+            celeriac::BUILT_TASKS_DIR
+        );
+        std::fs::write(dir.path().join("partial.toml"), text).unwrap();
+        std::fs::rename(dir.path().join("partial.toml"), &config).unwrap();
+    };
+    write("first", "1s");
+    let log = dir.path().join("beat.log");
+    let mut beat = Command::new(celeriac_binary())
+        .args(["--config", config.to_str().unwrap(), "beat"])
+        .env("CELERY_BROKER_URL", redis.url(0))
+        .env("CELERIAC_CACHE", celeriac_tests::test_cache_dir())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut c = redis.client(0);
+    let waiting = |c: &mut redis::Connection, queue: &str| -> u64 { c.llen(queue).unwrap() };
+    let until =
+        |c: &mut redis::Connection, what: &str, done: &dyn Fn(&mut redis::Connection) -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while !done(c) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what}: {}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+    until(&mut c, "no fire on the first queue", &|c| waiting(c, "first") >= 1);
+
+    write("second", "1s");
+    let hup = |pid: u32| {
+        assert!(Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+    };
+    hup(beat.id());
+    until(&mut c, "the reloaded entry did not fire", &|c| waiting(c, "second") >= 2);
+    let first = waiting(&mut c, "first");
+
+    std::fs::write(&config, "[beat.\"tick\"]\ntask = \"diagnostics.noop\"\nevery = \"often\"\n")
+        .unwrap();
+    hup(beat.id());
+    let before = waiting(&mut c, "second");
+    until(&mut c, "the entries did not stay", &|c| waiting(c, "second") >= before + 2);
+    assert_eq!(waiting(&mut c, "first"), first, "the old entry fired after the reload");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("beat configuration reload refused") && text.contains("often"), "{text}");
+    assert!(beat.try_wait().unwrap().is_none(), "the beat stopped: {text}");
+    let _ = beat.kill();
+    let _ = beat.wait();
 }

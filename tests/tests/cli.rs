@@ -168,6 +168,56 @@ fn modules_check_lists_tasks_and_rejects_foreign_modules() {
     );
 }
 
+/// `worker --check`, what a compose healthcheck and systemd's ExecStartPre run: every module,
+/// the beat entries and both Redis URLs are checked, nothing is consumed, and a bad part is a
+/// clear error that never shows the password.
+#[test]
+fn worker_check_validates_everything_and_runs_nothing() {
+    let redis = celeriac_tests::RedisServer::start();
+    let (url0, url1) = (redis.url(0), redis.url(1));
+    let sent = celeriac(&["--broker", &url0, "enqueue", "diagnostics.noop", "--queue", "default"]);
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    let out = celeriac(&[
+        "--broker",
+        &url0,
+        "--result-backend",
+        &url1,
+        "worker",
+        "--check",
+        "--beat",
+        "-Q",
+        "default",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.starts_with("ok: "), "{stdout}");
+    assert!(
+        stdout.contains("15 tasks from target/tasks") && stdout.contains("default"),
+        "{stdout}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = redis.client(0);
+    let waiting: u64 = redis::Commands::llen(&mut c, "default").unwrap();
+    assert_eq!(waiting, 1, "--check consumed the queue");
+    let mut r = redis.client(1);
+    let stored: Vec<String> = redis::Commands::keys(&mut r, "celery-task-meta-*").unwrap();
+    assert!(stored.is_empty(), "{stored:?}");
+
+    let closed = format!("redis://:s3cret@127.0.0.1:{}/0", celeriac_tests::free_port());
+    let out = celeriac(&["--broker", &closed, "worker", "--check"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("connect to Redis at redis://:**@127.0.0.1"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.wasm"), "(component (import \"wasi:http/outgoing-handler@0.2.0\" (instance (export \"handle\" (func)))))").unwrap();
+    let modules = dir.path().to_str().unwrap();
+    let out = celeriac(&["--broker", &url0, "--modules", modules, "worker", "--check"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("web.wasm"), "{}", text(&out.stderr));
+}
+
 #[test]
 fn demo_runs_the_example_tasks_end_to_end_in_memory() {
     let out = celeriac(&["demo"]);

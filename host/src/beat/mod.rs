@@ -273,6 +273,20 @@ pub struct Beat {
     token: Option<String>,
     lease: redis::Script,
     fire: redis::Script,
+    pulse: std::sync::Arc<Pulse>,
+    /// New entries from a configuration reload, taken before the next tick.
+    updates: Option<tokio::sync::watch::Receiver<Vec<Entry>>>,
+}
+
+/// How a running beat fares, for systemd's status line and watchdog.
+#[derive(Debug, Default)]
+pub struct Pulse {
+    /// When a tick last reached Redis, in ms since the Unix epoch (0: never).
+    pub ok_ms: std::sync::atomic::AtomicI64,
+    /// Whether that tick led.
+    pub leader: std::sync::atomic::AtomicBool,
+    /// Entries fired since start.
+    pub fired: std::sync::atomic::AtomicU64,
 }
 
 /// What one tick did.
@@ -296,7 +310,21 @@ impl Beat {
             token: None,
             lease: redis::Script::new(LEASE),
             fire: redis::Script::new(FIRE),
+            pulse: Default::default(),
+            updates: None,
         }
+    }
+
+    /// Takes the entries `updates` holds whenever they change (a reloaded configuration),
+    /// from the next tick on. An entry keeps its last tick under its name, so a changed
+    /// schedule goes on from where the old one was.
+    pub fn follow(&mut self, updates: tokio::sync::watch::Receiver<Vec<Entry>>) {
+        self.updates = Some(updates);
+    }
+
+    /// How this beat fares once it runs.
+    pub fn pulse(&self) -> std::sync::Arc<Pulse> {
+        self.pulse.clone()
     }
 
     fn key(&self, name: &str) -> String {
@@ -381,8 +409,20 @@ impl Beat {
                 _ = stop.cancelled() => break,
                 _ = every.tick() => {}
             }
+            if let Some(updates) = &mut self.updates
+                && updates.has_changed().unwrap_or(false)
+            {
+                self.entries = updates.borrow_and_update().clone();
+                info!(entries = self.entries.len(), "beat entries reloaded");
+            }
             match self.tick(Utc::now()).await {
-                Ok(_) => failing = false,
+                Ok(report) => {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    failing = false;
+                    self.pulse.ok_ms.store(Utc::now().timestamp_millis(), Relaxed);
+                    self.pulse.leader.store(report.leader, Relaxed);
+                    self.pulse.fired.fetch_add(report.fired.len() as u64, Relaxed);
+                }
                 Err(e) if !failing => {
                     failing = true;
                     warn!("beat cannot reach Redis; retrying every second: {e}");

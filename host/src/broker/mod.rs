@@ -9,7 +9,7 @@ mod redis;
 
 pub use self::leases::lease_of;
 pub use self::memory::MemoryBroker;
-pub use self::redis::{OWN_TAG, RedisBroker, connect};
+pub use self::redis::{OWN_TAG, RedisBroker, connect, masked_url};
 
 use crate::results::StoredResult;
 use std::future::Future;

@@ -432,9 +432,20 @@ impl std::fmt::Debug for RedisBroker {
     }
 }
 
+/// `url` with its password shown as `**`, for output and error messages.
+pub fn masked_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((auth, host)) = rest.rsplit_once('@') else { return url.to_string() };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:**@{host}"),
+        None => url.to_string(),
+    }
+}
+
 /// Connects with automatic reconnection; the first connection must succeed.
 pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
-    let client = redis::Client::open(url).with_context(|| format!("invalid Redis URL {url}"))?;
+    let shown = masked_url(url);
+    let client = redis::Client::open(url).with_context(|| format!("invalid Redis URL {shown}"))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_number_of_retries(3)
         .set_max_delay(2_000)
@@ -442,7 +453,7 @@ pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
         .set_response_timeout(Duration::from_secs(30));
     ConnectionManager::new_with_config(client, config)
         .await
-        .with_context(|| format!("connect to Redis at {url}"))
+        .with_context(|| format!("connect to Redis at {shown}"))
 }
 
 impl RedisBroker {
@@ -1005,5 +1016,13 @@ mod tests {
         assert_eq!(super::too_old(&info("6.2.0")), None);
         assert_eq!(super::too_old(&info("7.0.15")), None);
         assert_eq!(super::too_old("# Server\r\n"), None);
+    }
+
+    #[test]
+    fn a_url_is_shown_without_its_password() {
+        assert_eq!(super::masked_url("redis://:s3cret@h:6379/0"), "redis://:**@h:6379/0");
+        assert_eq!(super::masked_url("rediss://app:s3cret@h/1"), "rediss://app:**@h/1");
+        assert_eq!(super::masked_url("redis://h:6379/0"), "redis://h:6379/0");
+        assert_eq!(super::masked_url("redis://app@h/0"), "redis://app@h/0");
     }
 }

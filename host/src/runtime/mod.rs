@@ -166,7 +166,16 @@ pub struct Module {
     pub tasks: Vec<TaskInfo>,
     /// Whether it was compiled now or loaded from the disk cache.
     pub compiled: Compiled,
+    /// The file's content hash (see [`module_version`]): a changed file is a new version.
+    pub version: Arc<str>,
     pre: TaskPre<TaskState>,
+}
+
+/// A module's version: the first 12 hex digits of the SHA-256 of its file, as `modules check`,
+/// the `registered` reply, the metrics and the per-task log line show it.
+pub fn module_version(wasm: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(&sha2::Sha256::digest(wasm)[..6])
 }
 
 impl std::fmt::Debug for Module {
@@ -261,7 +270,12 @@ impl Runtime {
         Ok(Runtime { engine, linker, config, ticker: stop })
     }
 
-    /// The engine, e.g. for cache keys.
+    /// The settings the engine was built with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// The wasmtime engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
@@ -312,8 +326,9 @@ impl Runtime {
             format!("{shown}: does not export the celeriac:task@0.1.0 world (`describe` and `run`)")
         })?;
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let version = module_version(wasm).into();
         let mut module =
-            Module { path: path.to_path_buf(), name, tasks: Vec::new(), compiled, pre };
+            Module { path: path.to_path_buf(), name, tasks: Vec::new(), compiled, version, pre };
         module.tasks =
             self.describe(&module).await.with_context(|| format!("{shown}: describe"))?;
         if module.tasks.is_empty() {
@@ -438,6 +453,7 @@ impl Runtime {
             children: Vec::new(),
             workflows: Vec::new(),
             output: String::new(),
+            module_version: Some(module.version.clone()),
         };
         let mut store = match self.store(
             limits,

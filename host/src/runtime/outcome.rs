@@ -215,4 +215,6 @@ pub struct RunReport {
     pub children: Vec<ChildTask>,
     /// What the guest wrote to stdout and stderr (truncated), useful after a trap.
     pub output: String,
+    /// The version of the module that ran it (its content hash).
+    pub module_version: Option<std::sync::Arc<str>>,
 }

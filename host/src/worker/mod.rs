@@ -189,7 +189,9 @@ const TRANSIENT_ATTEMPTS: u32 = 3;
 
 /// A celeriac worker bound to a broker, a result backend and a set of loaded tasks.
 pub struct Worker<B: Broker, R: ResultStore> {
-    registry: Arc<Registry>,
+    /// The tasks and their modules. A deploy or a reload swaps in a new registry; a task keeps
+    /// the one it started with.
+    registry: std::sync::RwLock<Arc<Registry>>,
     broker: B,
     results: R,
     kv: KvStore,
@@ -216,6 +218,9 @@ pub struct Worker<B: Broker, R: ResultStore> {
     live: node::Live,
     /// Cancelled by the `shutdown` control command; set while the worker runs.
     shutdown: Mutex<Option<CancellationToken>>,
+    /// When the fetch loops last moved, and whether they are ready (the systemd watchdog's
+    /// view).
+    pulse: node::Pulse,
     started: Instant,
     /// Counters since start.
     pub stats: Stats,
@@ -287,7 +292,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         }
         let (live, slots) = (node::Live::new(&opts), Arc::new(Semaphore::new(opts.concurrency)));
         Arc::new(Worker {
-            registry,
+            registry: std::sync::RwLock::new(registry),
             broker,
             results,
             kv,
@@ -303,6 +308,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             slots,
             live,
             shutdown: Mutex::new(None),
+            pulse: node::Pulse::default(),
             started: Instant::now(),
             stats: Stats::default(),
         })
@@ -357,6 +363,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 ))
             })
             .collect();
+        self.pulse.ready.cancel();
         for f in fetchers {
             if let Err(e) = f.await {
                 warn!("a fetch loop ended abnormally: {e}");
@@ -414,6 +421,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         let mut empty_polls: u32 = 0;
         let mut redis_down = Duration::ZERO;
         while !shutdown.is_cancelled() {
+            self.pulse.turned(self.started);
             let mut permits = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 permit = slots.clone().acquire_owned() => match permit {
@@ -431,7 +439,11 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             let n = self.fetch_seq.fetch_add(1, Ordering::Relaxed);
             let prefix = format!("{}.{n}.", self.id);
             let order = self.live.fetch_order();
-            let deliveries = match self.broker.fetch(&order, permits.num_permits(), &prefix).await {
+            self.pulse.fetching.fetch_add(1, Ordering::Relaxed);
+            let fetched = self.broker.fetch(&order, permits.num_permits(), &prefix).await;
+            self.pulse.fetching.fetch_sub(1, Ordering::Relaxed);
+            self.pulse.turned(self.started);
+            let deliveries = match fetched {
                 Ok(d) => {
                     if !redis_down.is_zero() {
                         self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -565,8 +577,11 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         let task = msg.clone();
         let disposition = async move {
             self.emit(d, &msg, Stage::Received, None);
+            // The task runs on the modules of this moment to its end, whatever is deployed
+            // meanwhile.
+            let registry = self.registry();
             // Unknown task: nobody here can run it. Fail it visibly rather than drop it.
-            let Ok(entry) = self.registry.get(&msg.task) else {
+            let Ok(entry) = registry.get(&msg.task) else {
                 self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
                 let reason = format!("task {:?} is not registered with this worker", msg.task);
                 let error = Failure { exc_type: "NotRegistered", message: &reason, traceback: "" };
@@ -642,7 +657,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 false => (None, None),
             };
             let env = RunEnv { kv: Some(self.kv.clone()), progress, signals };
-            let run = self.registry.runtime().run(
+            let run = registry.runtime().run(
                 &entry.module,
                 &invocation,
                 &limits,
@@ -833,7 +848,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
 
     /// Where a workflow's messages come from: `msg`, routed as children are.
     fn origin<'a>(&'a self, msg: &'a TaskMessage) -> canvas::Origin<'a> {
-        canvas::Origin::of(msg, &*self.registry)
+        canvas::Origin::of(msg, self)
     }
 
     /// A workflow that cannot be followed: the task's own outcome is stored, every frozen id
@@ -865,7 +880,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         parent: &TaskMessage,
         child: &crate::runtime::ChildTask,
     ) -> String {
-        let queue = child.queue.clone().unwrap_or_else(|| self.registry.queue_for(&child.name));
+        let queue = child.queue.clone().unwrap_or_else(|| self.registry().queue_for(&child.name));
         let opts = NewTask {
             id: Some(child.id.clone()),
             priority: child.priority,
@@ -1148,7 +1163,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         for (i, settlement) in batch.iter().enumerate() {
             for part in &settlement.chords.parts {
                 let Some(entries) = self.results.chord_join(part).await? else { continue };
-                let followed = match canvas::chord_complete(part, &entries, &*self.registry) {
+                let followed = match canvas::chord_complete(part, &entries, self) {
                     Ok((results, followed)) => {
                         stored.extend(results);
                         followed
@@ -1242,11 +1257,12 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         // Messages that will not run now (revoked, expired, not due) take no token.
         let now = Utc::now();
         let mut limited: Vec<(&str, crate::config::RateLimit, Vec<usize>)> = Vec::new();
+        let registry = self.registry();
         for (i, msg) in &tasks {
             if admissions[*i].revoked || msg.expired(now) || msg.due_later(now).is_some() {
                 continue;
             }
-            let configured = self.registry.get(&msg.task).ok().and_then(|e| e.spec.rate_limit);
+            let configured = registry.get(&msg.task).ok().and_then(|e| e.spec.rate_limit);
             let Some(rate) = self.live.rate_limit(&msg.task, configured) else {
                 continue;
             };

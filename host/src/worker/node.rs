@@ -8,12 +8,15 @@ use crate::config::RateLimit;
 use crate::control::Node;
 use crate::events::Load;
 use crate::lifecycle::{Stage, Subscriber, TaskEvent};
+use crate::registry::Registry;
 use crate::runtime::Limits;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// Tasks taken per name since start: Celery's `stats.total`, which Flower shows per worker.
 #[derive(Default)]
@@ -33,10 +36,88 @@ impl Subscriber for Totals {
     }
 }
 
+/// Whether the fetch loops move: what the systemd watchdog checks besides Redis.
+#[derive(Default)]
+pub(super) struct Pulse {
+    /// When a fetch loop last turned, in ms since the worker started.
+    turned_ms: AtomicU64,
+    /// Fetches waiting for Redis's reply.
+    pub(super) fetching: AtomicUsize,
+    /// Cancelled once the queues are declared and the fetch loops run.
+    pub(super) ready: CancellationToken,
+}
+
+impl Pulse {
+    pub(super) fn turned(&self, started: Instant) {
+        self.turned_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
 impl<B: Broker, R: ResultStore> Worker<B, R> {
+    /// Resolves once the worker consumes: queues declared, revocations read, fetch loops
+    /// running. The modules were loaded before the worker was made.
+    pub async fn ready(&self) {
+        self.pulse.ready.cancelled().await
+    }
+
+    /// Why the worker is wedged, if it is: no fetch loop turned for `limit` although a slot was
+    /// free or a fetch was waiting for Redis. Loops waiting for busy slots are not wedged (the
+    /// tasks' hard limits free them), and neither is a worker that is shutting down.
+    pub fn stalled(&self, limit: Duration) -> Option<String> {
+        if self.is_shutting_down() || !self.pulse.ready.is_cancelled() {
+            return None;
+        }
+        let now = self.started.elapsed().as_millis() as u64;
+        let idle =
+            Duration::from_millis(now.saturating_sub(self.pulse.turned_ms.load(Ordering::Relaxed)));
+        let fetching = self.pulse.fetching.load(Ordering::Relaxed);
+        let free = self.slots.available_permits();
+        (idle > limit && (fetching > 0 || free > 0)).then(|| {
+            format!(
+                "no fetch loop moved for {:.1}s ({fetching} fetches waiting for Redis, {free} \
+                 free slots)",
+                idle.as_secs_f64()
+            )
+        })
+    }
+
+    /// The tasks and modules new tasks run on.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `registry` in place for the tasks that start from now on; tasks already running
+    /// finish on the one they started with. Returns the one it replaced.
+    pub fn swap_registry(&self, registry: Arc<Registry>) -> Arc<Registry> {
+        std::mem::replace(&mut *self.registry.write().unwrap_or_else(|p| p.into_inner()), registry)
+    }
+
+    /// Starts consuming `queue`, declared first as kombu declares it; returns whether it was
+    /// not consumed before.
+    pub async fn consume(&self, queue: &str) -> crate::broker::BrokerResult<bool> {
+        self.broker.declare(&[queue.to_string()]).await?;
+        Ok(self.add_queue(queue))
+    }
+
+    /// Whether a shutdown began (signal or the `shutdown` control command).
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|s| s.is_cancelled())
+    }
+
     /// How busy the worker is, for heartbeats and metrics.
     pub fn load(&self) -> Load {
         Load { active: self.running().len(), processed: self.stats.fetched.load(Ordering::Relaxed) }
+    }
+}
+
+/// Routes as the modules of this moment do.
+impl<B: Broker, R: ResultStore> crate::canvas::Router for Worker<B, R> {
+    fn queue_for(&self, name: &str) -> String {
+        self.registry().queue_for(name)
     }
 }
 
@@ -76,6 +157,7 @@ impl<B: Broker, R: ResultStore> Node for Worker<B, R> {
             },
             "rusage": rusage,
             "celeriac": {
+                "modules": self.registry().modules().iter().map(|m| module_label(m)).collect::<Vec<_>>(),
                 "succeeded": self.stats.succeeded.load(Ordering::Relaxed),
                 "failed": self.stats.failed.load(Ordering::Relaxed),
                 "retried": self.stats.retried.load(Ordering::Relaxed),
@@ -113,10 +195,35 @@ impl<B: Broker, R: ResultStore> Node for Worker<B, R> {
         Value::Array(active.into_iter().map(|(_, v)| v).collect())
     }
 
-    fn registered(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.registry.tasks().map(|e| e.info.name.clone()).collect();
-        names.sort();
-        names
+    fn registered(&self, items: &[String]) -> Vec<String> {
+        let registry = self.registry();
+        registry
+            .tasks()
+            .map(|e| {
+                let shown: Vec<String> = items
+                    .iter()
+                    .filter_map(|item| {
+                        let value = match item.as_str() {
+                            "module" => module_label(&e.module),
+                            "queue" => e.spec.queue.clone(),
+                            "rate_limit" => e.spec.rate_limit.map(|r| r.to_string())?,
+                            "time_limit" => {
+                                format!("{}", e.spec.limits.hard_time_limit.as_secs_f64())
+                            }
+                            "soft_time_limit" => {
+                                format!("{}", e.spec.limits.soft_time_limit?.as_secs_f64())
+                            }
+                            _ => return None,
+                        };
+                        Some(format!("{item}={value}"))
+                    })
+                    .collect();
+                match shown.is_empty() {
+                    true => e.info.name.clone(),
+                    false => format!("{} [{}]", e.info.name, shown.join(" ")),
+                }
+            })
+            .collect()
     }
 
     fn queues(&self) -> Vec<String> {
@@ -306,7 +413,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     }
 
     fn is_registered(&self, task: &str) -> bool {
-        self.registry.get(task).is_ok()
+        self.registry().get(task).is_ok()
     }
 }
 
@@ -343,7 +450,7 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             "time_limit" => match (seconds(&args["hard"]), seconds(&args["soft"])) {
                 (Err(e), _) | (_, Err(e)) => nok(e),
                 (Ok(hard), Ok(soft)) => {
-                    let configured = self.registry.get(task).map(|e| e.spec.limits.clone());
+                    let configured = self.registry().get(task).map(|e| e.spec.limits.clone());
                     let configured = configured.unwrap_or_default();
                     let hard = hard.unwrap_or(configured.hard_time_limit);
                     let soft = soft.filter(|s| *s < hard);
@@ -397,4 +504,11 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         }
         true
     }
+}
+
+/// A module as replies show it: its file and version, `deploy.wasm@1f2e3d4c5b6a`.
+pub fn module_label(module: &crate::runtime::Module) -> String {
+    let file =
+        module.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("{file}@{}", module.version)
 }
