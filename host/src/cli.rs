@@ -751,6 +751,7 @@ async fn worker(
     let (beat_broker, beat_router) = (broker.clone(), registry.clone());
     let systemd_broker = broker.clone();
     let catalog = crate::api::Catalog::new(&registry, config);
+    let served = catalog.clone();
     let w = Worker::monitored(registry, broker, results, kv, options, monitoring);
     let stop_http = CancellationToken::new();
     let http = match args.http {
@@ -814,6 +815,7 @@ async fn worker(
     };
     let on_swap = move |config: &Config, registry: &Registry| {
         modules_to_metrics(registry);
+        served.replace(registry, config);
         if let Some(reloaded) = &beat_entries {
             match config.beat_entries(|name| registry.queue_for(name)) {
                 Ok(entries) => {
@@ -873,7 +875,7 @@ async fn api(config: &Config, prefix: &str, args: ApiArgs) -> anyhow::Result<i32
     let registry = Registry::load(config, 1).await?;
     let catalog = crate::api::Catalog::new(&registry, config);
     let node = format!("celeriac-api@{}", protocol::hostname());
-    let metrics = Arc::new(crate::metrics::Metrics::new(&node, catalog.names().map(String::from))?);
+    let metrics = Arc::new(crate::metrics::Metrics::new(&node, catalog.names())?);
     let api = crate::api::Api {
         broker,
         results,

@@ -52,10 +52,13 @@ impl Site {
         std::fs::rename(&tmp, &self.config).unwrap();
     }
 
-    /// The worker, without -Q: it consumes the queues its tasks are routed to.
-    fn worker(&self, redis: &RedisServer, slots: &str) -> Child {
+    /// The worker, without -Q: it consumes the queues its tasks are routed to. Its HTTP server
+    /// listens on `http`.
+    fn worker(&self, redis: &RedisServer, slots: &str, http: u16) -> Child {
         let log = std::fs::File::create(&self.log).unwrap();
-        worker_command(redis, &["--config", self.config.to_str().unwrap(), "-c", slots])
+        let http = format!("127.0.0.1:{http}");
+        let config = self.config.to_str().unwrap();
+        worker_command(redis, &["--config", config, "-c", slots, "--http", &http])
             .env("CELERIAC_LOG", "info")
             .stderr(Stdio::from(log))
             .spawn()
@@ -95,7 +98,8 @@ async fn version_now(redis: &RedisServer, b: &RedisBroker) -> String {
 async fn a_module_replaced_under_load_finishes_every_task_and_refuses_a_broken_one() {
     let redis = RedisServer::start();
     let site = Site::new("");
-    let mut worker = site.worker(&redis, "8");
+    let port = celeriac_tests::free_port();
+    let mut worker = site.worker(&redis, "8", port);
     let b = broker(&redis, Duration::from_secs(30)).await;
     assert_eq!(version_now(&redis, &b).await, "v1");
 
@@ -170,6 +174,12 @@ async fn a_module_replaced_under_load_finishes_every_task_and_refuses_a_broken_o
     .unwrap();
     let shown = serde_json::to_string(&replies).unwrap();
     assert!(shown.contains(&format!("deploy.version [module=deploy.wasm@{v2_hash}]")), "{shown}");
+    let (_, metrics) = celeriac_tests::http(port, "GET", "/metrics", None).unwrap();
+    let info = format!("celeriac_module_info{{module=\"deploy.wasm\",version=\"{v2_hash}\"}} 1");
+    assert!(metrics.contains(&info), "{metrics}");
+    assert!(!metrics.contains(&v1_hash), "{metrics}");
+    let (_, types) = celeriac_tests::http(port, "GET", "/api/task/types", None).unwrap();
+    assert!(types.contains("deploy.version"), "{types}");
 
     // A broken replacement while 50 tasks run: refused, logged, and v2 goes on serving them all.
     let mut during = Vec::new();
@@ -206,6 +216,8 @@ async fn a_module_replaced_under_load_finishes_every_task_and_refuses_a_broken_o
         assert!(Instant::now() < deadline, "the removal was not noticed:\n{}", site.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let (_, types) = celeriac_tests::http(port, "GET", "/api/task/types", None).unwrap();
+    assert!(!types.contains("deploy."), "a removed task is still served: {types}");
     let waiting = enqueue(&b, "deploy.version", json!([]), "deploy").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut c = redis.client(0);
@@ -223,7 +235,7 @@ async fn a_module_replaced_under_load_finishes_every_task_and_refuses_a_broken_o
 async fn sighup_applies_a_valid_configuration_and_keeps_the_running_one_for_an_invalid_one() {
     let redis = RedisServer::start();
     let site = Site::new("");
-    let mut worker = site.worker(&redis, "2");
+    let mut worker = site.worker(&redis, "2", celeriac_tests::free_port());
     let b = broker(&redis, Duration::from_secs(30)).await;
     let id = enqueue(&b, "deploy.work", json!([1500]), "deploy").await;
     assert_eq!(outcome(&redis, &id, Duration::from_secs(60)).await["status"], "SUCCESS");

@@ -102,7 +102,7 @@ async fn revoke(
 }
 
 async fn types(api: Shared) -> Response {
-    axum::Json(json!({"task-types": api.catalog.names().collect::<Vec<_>>()})).into_response()
+    axum::Json(json!({"task-types": api.catalog.names()})).into_response()
 }
 
 /// Each queue's messages, all priority lists summed, as Flower counts them.

@@ -81,9 +81,13 @@ impl HttpOptions {
     }
 }
 
-/// The tasks the server knows by name, and where a task is sent.
+/// The tasks the server knows by name, and where a task is sent. Clones share one catalog, so
+/// a worker's deploy or reload ([`Catalog::replace`]) reaches its HTTP server at once.
 #[derive(Debug, Clone, Default)]
-pub struct Catalog {
+pub struct Catalog(Arc<std::sync::RwLock<Known>>);
+
+#[derive(Debug, Default)]
+struct Known {
     /// Registered task names and their queues.
     queues: BTreeMap<String, String>,
     /// The configured routing rules, for names no module registers.
@@ -93,33 +97,47 @@ pub struct Catalog {
 impl Catalog {
     /// The tasks `registry` serves, with the queues the configuration gives them.
     pub fn new(registry: &Registry, config: &Config) -> Catalog {
+        let catalog = Catalog::default();
+        catalog.replace(registry, config);
+        catalog
+    }
+
+    /// Knows the tasks `registry` serves and the routing rules of `config` from now on.
+    pub fn replace(&self, registry: &Registry, config: &Config) {
         let queues =
             registry.tasks().map(|e| (e.info.name.clone(), e.spec.queue.clone())).collect();
-        Catalog { queues, routes: config.routes.clone() }
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) =
+            Known { queues, routes: config.routes.clone() };
+    }
+
+    fn known(&self) -> std::sync::RwLockReadGuard<'_, Known> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether a module registers `name`.
     pub fn has(&self, name: &str) -> bool {
-        self.queues.contains_key(name)
+        self.known().queues.contains_key(name)
     }
 
     /// The registered task names, sorted.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.queues.keys().map(String::as_str)
+    pub fn names(&self) -> Vec<String> {
+        self.known().queues.keys().cloned().collect()
     }
 
     /// The queue a task goes to when the request names none: its configured queue, else the
     /// first routing rule that matches, else Celery's default.
     pub fn queue_for(&self, name: &str) -> String {
-        if let Some(q) = self.queues.get(name) {
+        let known = self.known();
+        if let Some(q) = known.queues.get(name) {
             return q.clone();
         }
-        crate::config::route(&self.routes, name).unwrap_or("celery").to_string()
+        crate::config::route(&known.routes, name).unwrap_or("celery").to_string()
     }
 
     /// Every queue a registered task or a rule sends to.
-    fn queues(&self) -> impl Iterator<Item = &str> {
-        self.queues.values().chain(self.routes.iter().map(|r| &r.queue)).map(String::as_str)
+    fn queues(&self) -> Vec<String> {
+        let known = self.known();
+        known.queues.values().chain(known.routes.iter().map(|r| &r.queue)).cloned().collect()
     }
 }
 
@@ -144,7 +162,7 @@ impl Api {
     /// default and any queue with dead letters.
     async fn queue_names(&self) -> Result<Vec<String>, ApiError> {
         let mut names: Vec<String> = (self.view)().map(|l| l.queues).unwrap_or_default();
-        names.extend(self.catalog.queues().map(String::from));
+        names.extend(self.catalog.queues());
         names.push("celery".into());
         names.extend(self.broker.dlq_queues().await?);
         names.sort();
