@@ -150,6 +150,30 @@ impl Drop for RedisServer {
     }
 }
 
+/// A child process that is killed when dropped, so a test that fails midway leaves no worker
+/// running behind it.
+pub struct Reaped(pub std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The `celeriac` binary next to the running test executable (`target/debug/celeriac`);
 /// `scripts/test` builds it before the tests run.
 pub fn celeriac_binary() -> PathBuf {

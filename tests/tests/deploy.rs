@@ -6,7 +6,7 @@
 use crate::faults::{enqueue, sigterm, worker_command};
 use crate::worker::broker;
 use celeriac::broker::RedisBroker;
-use celeriac_tests::RedisServer;
+use celeriac_tests::{Reaped, RedisServer};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -54,7 +54,7 @@ impl Site {
 
     /// The worker, without -Q: it consumes the queues its tasks are routed to. Its HTTP server
     /// listens on `http`.
-    fn worker(&self, redis: &RedisServer, slots: &str, http: u16) -> Child {
+    fn worker(&self, redis: &RedisServer, slots: &str, http: u16) -> Reaped {
         let log = std::fs::File::create(&self.log).unwrap();
         let http = format!("127.0.0.1:{http}");
         let config = self.config.to_str().unwrap();
@@ -62,6 +62,7 @@ impl Site {
             .env("CELERIAC_LOG", "info")
             .stderr(Stdio::from(log))
             .spawn()
+            .map(Reaped)
             .unwrap()
     }
 

@@ -183,6 +183,51 @@ async fn a_second_sigterm_stops_running_tasks_now_and_hands_them_back() {
 
 /// Without -Q the worker consumes every queue its tasks use in equal turns: a backlog on
 /// `celery`, first in name order, does not starve `default`.
+/// With Redis gone, SIGTERM still stops an idle worker within seconds, well inside systemd's
+/// stop timeout: no shutdown step waits on Redis for long (it took 50 s before). (Results not
+/// yet taken by Redis are another matter: they hold the stop until Redis is back or a second
+/// SIGTERM, see `a_second_sigterm_stops_running_tasks_now_and_hands_them_back`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_worker_whose_redis_is_gone_within_seconds() {
+    let mut redis = RedisServer::start();
+    let (b, r) = (broker(&redis, Duration::from_secs(30)).await, results(&redis).await);
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut worker = worker_command(&redis, &["-Q", "default", "-c", "2"])
+        .env("CELERIAC_LOG", "info")
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .map(celeriac_tests::Reaped)
+        .unwrap();
+    let id = enqueue(&b, "diagnostics.noop", json!([1]), "default").await;
+    let (state, _) = client::wait(&r, &id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(state, "SUCCESS");
+    // Idle: the result's batch (stored, then acked) is settled before Redis goes.
+    let mut c = redis.client(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis::Commands::hlen::<_, u64>(&mut c, "unacked").unwrap() > 0 {
+        assert!(Instant::now() < deadline, "the task was never acked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sigterm(&worker);
+    let asked = Instant::now();
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        if asked.elapsed() > Duration::from_secs(20) {
+            panic!(
+                "still running 20 s after SIGTERM:\n{}",
+                std::fs::read_to_string(log.path()).unwrap()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_q_a_busy_queue_does_not_starve_the_others() {
     let redis = RedisServer::start();

@@ -74,6 +74,7 @@ async fn the_worker_tells_systemd_it_is_ready_alive_and_stopping() {
         .env("NOTIFY_SOCKET", &manager.path)
         .env("WATCHDOG_USEC", "2000000")
         .spawn()
+        .map(celeriac_tests::Reaped)
         .unwrap();
 
     // READY=1 comes once the worker consumes: its queue is declared by then.
@@ -161,6 +162,7 @@ async fn a_missing_notify_socket_does_not_stop_the_worker() {
         .env("NOTIFY_SOCKET", dir.path().join("gone.sock"))
         .env("WATCHDOG_USEC", "2000000")
         .spawn()
+        .map(celeriac_tests::Reaped)
         .unwrap();
     let b = broker(&redis, Duration::from_secs(30)).await;
     let id = enqueue(&b, "diagnostics.noop", json!([1]), "default").await;
@@ -199,6 +201,7 @@ fn a_beat_feeds_its_watchdog_only_while_its_ticks_reach_redis() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
+        .map(celeriac_tests::Reaped)
         .unwrap();
     let ready = manager.until(Duration::from_secs(60), |m| has(m, "READY=1"));
     assert!(ready.is_some(), "no READY=1: {:?}", manager.seen);

@@ -51,6 +51,11 @@ const FETCHERS: usize = 2;
 const MAINTENANCE_TICK: Duration = Duration::from_millis(250);
 /// Shortest time between two stored progress reports of one task.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// How long each last step of a shutdown waits for Redis (an in-flight fetch, the maintenance
+/// round under way, the offline event): plenty for a Redis that answers, and short enough that
+/// one that is gone does not hold the stop past the service manager's timeout. What these steps
+/// leave undone is safe: a fetched message's lease runs out and it is restored.
+const SHUTDOWN_REDIS_WAIT: Duration = Duration::from_secs(2);
 /// How often expired leases are restored.
 const RESTORE_EVERY: Duration = Duration::from_secs(2);
 
@@ -393,11 +398,20 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
         }
         stop_maintenance.cancel();
         control.abort();
-        let _ = maintenance.await;
+        let maintenance_abort = maintenance.abort_handle();
+        if tokio::time::timeout(SHUTDOWN_REDIS_WAIT, maintenance).await.is_err() {
+            maintenance_abort.abort();
+        }
         // Last, so the offline event follows every task event.
         stop_events.cancel();
         if let Some(events) = events {
-            let _ = events.await;
+            let events_abort = events.abort_handle();
+            if tokio::time::timeout(SHUTDOWN_REDIS_WAIT, events).await.is_err() {
+                events_abort.abort();
+                warn!(
+                    "Redis did not take the offline event; Flower will mark the worker offline after its heartbeats stop"
+                );
+            }
         }
         // Whatever is still unacked (stopped at shutdown) goes back to its queue now rather than
         // after its lease: its tags are ours and nobody runs them any more.
@@ -440,8 +454,19 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             let prefix = format!("{}.{n}.", self.id);
             let order = self.live.fetch_order();
             self.pulse.fetching.fetch_add(1, Ordering::Relaxed);
-            let fetched = self.broker.fetch(&order, permits.num_permits(), &prefix).await;
+            let fetch = self.broker.fetch(&order, permits.num_permits(), &prefix);
+            tokio::pin!(fetch);
+            // A shutdown lets a fetch under way finish (its messages are then run), but does
+            // not wait on a Redis that is gone.
+            let fetched = tokio::select! {
+                biased;
+                fetched = &mut fetch => Some(fetched),
+                _ = shutdown.cancelled() => {
+                    tokio::time::timeout(SHUTDOWN_REDIS_WAIT, &mut fetch).await.ok()
+                }
+            };
             self.pulse.fetching.fetch_sub(1, Ordering::Relaxed);
+            let Some(fetched) = fetched else { break };
             self.pulse.turned(self.started);
             let deliveries = match fetched {
                 Ok(d) => {
