@@ -23,6 +23,7 @@ fn python_chains_links_and_groups_run_on_celeriac_workers() {
                 &redis,
                 &["-n", &format!("celeriac@canvas{i}"), "-Q", "default", "-c", "4"],
             )
+            .env("CELERIAC_LOG", "info")
             .stderr(Stdio::from(log))
             .spawn()
             .unwrap()
