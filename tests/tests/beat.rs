@@ -30,6 +30,15 @@ fn fired(redis: &RedisServer) -> Vec<protocol::TaskMessage> {
     raw.iter().rev().map(|m| protocol::decode(m.as_bytes()).unwrap()).collect()
 }
 
+/// `dir/beat.toml` with the built example tasks and `beat` (`[beat."name"]` sections), written
+/// in one step so a running beat that re-reads it never sees half of it.
+fn beat_config(dir: &std::path::Path, beat: &str) -> std::path::PathBuf {
+    let (config, partial) = (dir.join("beat.toml"), dir.join("beat.toml.partial"));
+    std::fs::write(&partial, format!("modules = {:?}\n{beat}", celeriac::BUILT_TASKS_DIR)).unwrap();
+    std::fs::rename(&partial, &config).unwrap();
+    config
+}
+
 fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
@@ -175,15 +184,9 @@ async fn a_beat_goes_on_after_redis_restarts() {
 fn killing_the_leading_beat_process_fires_nothing_twice() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("beat.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "modules = {:?}\n[beat.\"every-second\"]\ntask = \"diagnostics.noop\"\nargs = [1]\nevery = \"1s\"\nqueue = \"periodic\"\n",
-            celeriac::BUILT_TASKS_DIR
-        ),
-    )
-    .unwrap();
+    let entry =
+        "[beat.\"every-second\"]\ntask = \"diagnostics.noop\"\nargs = [1]\nevery = \"1s\"\n";
+    let config = beat_config(dir.path(), &format!("{entry}queue = \"periodic\"\n"));
     let beat = |name: &str| {
         Command::new(celeriac_binary())
             .args(["--config", config.to_str().unwrap(), "beat", "--lease-ttl", "2s", "-n", name])
@@ -239,15 +242,10 @@ fn killing_the_leading_beat_process_fires_nothing_twice() {
 fn a_worker_with_beat_runs_what_its_beat_fires() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("beat.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "modules = {:?}\n[beat.\"tick\"]\ntask = \"diagnostics.noop\"\nargs = [\"beat\"]\nevery = \"1s\"\n",
-            celeriac::BUILT_TASKS_DIR
-        ),
-    )
-    .unwrap();
+    let config = beat_config(
+        dir.path(),
+        "[beat.\"tick\"]\ntask = \"diagnostics.noop\"\nargs = [\"beat\"]\nevery = \"1s\"\n",
+    );
     let mut worker = worker_command(&redis, &["-Q", "default", "--beat"])
         .env("CELERIAC_CONFIG", &config)
         .spawn()
@@ -300,16 +298,11 @@ async fn a_dst_change_in_berlin_fires_each_wall_clock_time_once() {
 fn sighup_reloads_the_beat_entries_and_refuses_an_invalid_file() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("beat.toml");
-    let write = |queue: &str, every: &str| {
-        let text = format!(
-            "modules = {:?}\n[beat.\"tick\"]\ntask = \"diagnostics.noop\"\nevery = \"{every}\"\nqueue = \"{queue}\"\n",
-            celeriac::BUILT_TASKS_DIR
-        );
-        std::fs::write(dir.path().join("partial.toml"), text).unwrap();
-        std::fs::rename(dir.path().join("partial.toml"), &config).unwrap();
+    let write = |queue: &str| {
+        let entry = "[beat.\"tick\"]\ntask = \"diagnostics.noop\"\nevery = \"1s\"\n";
+        beat_config(dir.path(), &format!("{entry}queue = \"{queue}\"\n"))
     };
-    write("first", "1s");
+    let config = write("first");
     let log = dir.path().join("beat.log");
     let mut beat = Command::new(celeriac_binary())
         .args(["--config", config.to_str().unwrap(), "beat"])
@@ -334,7 +327,7 @@ fn sighup_reloads_the_beat_entries_and_refuses_an_invalid_file() {
         };
     until(&mut c, "no fire on the first queue", &|c| waiting(c, "first") >= 1);
 
-    write("second", "1s");
+    write("second");
     let hup = |pid: u32| {
         assert!(Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
     };
