@@ -585,8 +585,7 @@ async fn beat(
     args: BeatArgs,
 ) -> anyhow::Result<i32> {
     redis_only(&config.broker)?;
-    let opts = BrokerOptions { global_prefix: prefix.to_string(), ..BrokerOptions::default() };
-    let broker = RedisBroker::connect(&config.broker, opts).await?;
+    let broker = RedisBroker::connect(&config.broker, broker_options(prefix)).await?;
     // A task's queue is often declared by its component: read the modules when they load, so
     // the beat routes as the workers do; without them, by the configuration alone.
     let registry = match Registry::load(config, 1).await {

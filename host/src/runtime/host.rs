@@ -248,21 +248,11 @@ impl enqueue::Host for TaskState {
     }
 
     async fn enqueue_chain(&mut self, steps: Vec<enqueue::Step>) -> Result<Vec<String>, HostError> {
-        self.task.live()?;
-        let (ids, steps) = self.task.admit_steps(&steps)?;
-        self.task
-            .workflows
-            .push(ChildWorkflow { ids: ids.clone(), signature: workflow::chain(steps) });
-        Ok(ids)
+        self.task.send_workflow(&steps, |steps| Ok(workflow::chain(steps)))
     }
 
     async fn enqueue_group(&mut self, steps: Vec<enqueue::Step>) -> Result<Vec<String>, HostError> {
-        self.task.live()?;
-        let (ids, steps) = self.task.admit_steps(&steps)?;
-        self.task
-            .workflows
-            .push(ChildWorkflow { ids: ids.clone(), signature: workflow::group(steps) });
-        Ok(ids)
+        self.task.send_workflow(&steps, |steps| Ok(workflow::group(steps)))
     }
 
     async fn enqueue_chord(
@@ -270,21 +260,33 @@ impl enqueue::Host for TaskState {
         header: Vec<enqueue::Step>,
         body: enqueue::Step,
     ) -> Result<Vec<String>, HostError> {
-        self.task.live()?;
         let all: Vec<enqueue::Step> = header.into_iter().chain([body]).collect();
-        let (ids, mut steps) = self.task.admit_steps(&all)?;
-        if steps.len() < 2 {
-            return Err(HostError::Invalid("a chord needs at least one header step".into()));
-        }
-        let body = steps.pop().unwrap_or_default();
-        self.task
-            .workflows
-            .push(ChildWorkflow { ids: ids.clone(), signature: workflow::chord(steps, body) });
-        Ok(ids)
+        self.task.send_workflow(&all, |mut steps| {
+            if steps.len() < 2 {
+                return Err(HostError::Invalid("a chord needs at least one header step".into()));
+            }
+            let body = steps.pop().unwrap_or_default();
+            Ok(workflow::chord(steps, body))
+        })
     }
 }
 
 impl TaskContext {
+    /// Admits every step of a workflow of children (all or none), builds its signature from
+    /// the admitted steps with `build`, and records it to be sent with the task's ack. Returns
+    /// the steps' ids.
+    fn send_workflow(
+        &mut self,
+        steps: &[enqueue::Step],
+        build: impl FnOnce(Vec<serde_json::Value>) -> Result<serde_json::Value, HostError>,
+    ) -> Result<Vec<String>, HostError> {
+        self.live()?;
+        let (ids, steps) = self.admit_steps(steps)?;
+        let signature = build(steps)?;
+        self.workflows.push(ChildWorkflow { ids: ids.clone(), signature });
+        Ok(ids)
+    }
+
     /// Checks one child against the task's grants and the run's limits, and counts it: its name
     /// must be allowed, its queue too, its args a JSON list and kwargs an object, within the
     /// size caps. Returns the parsed args and kwargs.
