@@ -419,21 +419,23 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Status { id: None, timeout, .. } => {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
             redis_only(&config.broker)?;
-            let broker = RedisBroker::connect(&config.broker, broker_options(&prefix)).await?;
+            let broker =
+                RedisBroker::open(&config.broker_endpoint()?, broker_options(&prefix)).await?;
             print!("{}", crate::overview::render(&broker, &config, timeout.0).await?);
             Ok(0)
         }
         Command::Events { json, count } => {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
             redis_only(&config.broker)?;
-            let broker = RedisBroker::connect(&config.broker, broker_options(&prefix)).await?;
+            let broker =
+                RedisBroker::open(&config.broker_endpoint()?, broker_options(&prefix)).await?;
             crate::tail::tail(&broker, json, count).await?;
             Ok(0)
         }
         Command::Status { id: Some(id), wait, .. } => {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
             let results =
-                ResultBackend::connect(&config.result_backend, &prefix, Duration::ZERO).await?;
+                ResultBackend::open(&config.result_endpoint()?, &prefix, Duration::ZERO).await?;
             let (state, meta) = match wait {
                 Some(w) => client::wait(&results, &id, w.0).await?,
                 None => client::status(&results, &id).await?,
@@ -449,9 +451,10 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Revoke { ids, terminate, ttl } => {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
-            let broker = RedisBroker::connect(&config.broker, broker_options(&prefix)).await?;
-            let results = ResultBackend::connect(
-                &config.result_backend,
+            let broker =
+                RedisBroker::open(&config.broker_endpoint()?, broker_options(&prefix)).await?;
+            let results = ResultBackend::open(
+                &config.result_endpoint()?,
                 &prefix,
                 Duration::from_secs(86_400),
             )
@@ -472,7 +475,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Inspect { what, destination, timeout } => {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
             redis_only(&config.broker)?;
-            let broker = RedisBroker::connect(&config.broker, broker_options(&prefix)).await?;
+            let broker =
+                RedisBroker::open(&config.broker_endpoint()?, broker_options(&prefix)).await?;
             let (method, arguments) = what.request();
             let only = (!destination.is_empty()).then_some(destination.as_slice());
             let replies = crate::control::ask(&broker, method, arguments, only, timeout.0).await?;
@@ -485,7 +489,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Dlq { command } => {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
-            let broker = RedisBroker::connect(&config.broker, broker_options(&prefix)).await?;
+            let broker =
+                RedisBroker::open(&config.broker_endpoint()?, broker_options(&prefix)).await?;
             dlq(&broker, command).await
         }
         Command::Run(args) => {
@@ -519,7 +524,7 @@ async fn demo(config: &Config, broker_url: Option<&str>, prefix: &str) -> anyhow
         Some(url) => {
             let broker = RedisBroker::connect(url, broker_options(prefix)).await?;
             let results =
-                ResultBackend::connect(&config.result_backend, prefix, Duration::from_secs(3600))
+                ResultBackend::open(&config.result_endpoint()?, prefix, Duration::from_secs(3600))
                     .await?;
             let kv = KvStore::redis(broker.conn(), prefix);
             crate::demo::run(registry, broker, results, kv, url).await
@@ -585,7 +590,7 @@ async fn beat(
     args: BeatArgs,
 ) -> anyhow::Result<i32> {
     redis_only(&config.broker)?;
-    let broker = RedisBroker::connect(&config.broker, broker_options(prefix)).await?;
+    let broker = RedisBroker::open(&config.broker_endpoint()?, broker_options(prefix)).await?;
     // A task's queue is often declared by its component: read the modules when they load, so
     // the beat routes as the workers do; without them, by the configuration alone.
     let registry = match Registry::load(config, 1).await {
@@ -682,10 +687,21 @@ async fn worker(
         lease: args.lease.0,
         visibility_timeout: args.visibility_timeout.0,
     };
-    let broker = RedisBroker::connect(&config.broker, opts).await?;
+    for (what, options) in
+        [("broker", &config.broker_options), ("result_backend", &config.result_backend_options)]
+    {
+        let ignored = options.ignored();
+        if !ignored.is_empty() {
+            tracing::warn!(
+                "{what} transport options not used by celeriac: {} (they tune kombu's own transport)",
+                ignored.join(", ")
+            );
+        }
+    }
+    let broker = RedisBroker::open(&config.broker_endpoint()?, opts).await?;
     broker.check_version().await?;
     let results =
-        ResultBackend::connect(&config.result_backend, prefix, args.result_expires.0).await?;
+        ResultBackend::open(&config.result_endpoint()?, prefix, args.result_expires.0).await?;
     let kv = KvStore::redis(broker.conn(), prefix);
     for q in &named {
         crate::broker::check_queue_name(q).map_err(|e| anyhow::anyhow!("-Q: {e}"))?;
@@ -714,8 +730,8 @@ async fn worker(
             shown_source(config),
             registry.tasks().count(),
             config.modules.display(),
-            crate::broker::masked_url(&config.broker),
-            crate::broker::masked_url(&config.result_backend),
+            crate::endpoint::masked_url(&config.broker),
+            crate::endpoint::masked_url(&config.result_backend),
             queues.join(", ")
         );
         return Ok(0);
@@ -867,9 +883,9 @@ async fn worker(
 /// `celeriac api`: the HTTP server alone, until SIGTERM or SIGINT.
 async fn api(config: &Config, prefix: &str, args: ApiArgs) -> anyhow::Result<i32> {
     redis_only(&config.broker)?;
-    let broker = RedisBroker::connect(&config.broker, broker_options(prefix)).await?;
+    let broker = RedisBroker::open(&config.broker_endpoint()?, broker_options(prefix)).await?;
     let results =
-        ResultBackend::connect(&config.result_backend, prefix, args.result_expires.0).await?;
+        ResultBackend::open(&config.result_endpoint()?, prefix, args.result_expires.0).await?;
     // Loaded for the task names and their queues (compiled modules come from the cache).
     let registry = Registry::load(config, 1).await?;
     let catalog = crate::api::Catalog::new(&registry, config);
@@ -939,7 +955,7 @@ async fn enqueue(config: &Config, prefix: &str, args: EnqueueArgs) -> anyhow::Re
         Some(e) => Some(chrono::Utc::now() + chrono::Duration::from_std(e.0)?),
         None => None,
     };
-    let broker = RedisBroker::connect(&config.broker, broker_options(prefix)).await?;
+    let broker = RedisBroker::open(&config.broker_endpoint()?, broker_options(prefix)).await?;
     if args.repeat > 1 {
         if args.id.is_some() {
             anyhow::bail!("--repeat sends new ids; it cannot be used with --id");
@@ -961,7 +977,8 @@ async fn enqueue(config: &Config, prefix: &str, args: EnqueueArgs) -> anyhow::Re
     let id = args.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     // Remembered, so the HTTP API reads it as PENDING rather than unknown until it runs.
     let results =
-        ResultBackend::connect(&config.result_backend, prefix, Duration::from_secs(86_400)).await?;
+        ResultBackend::open(&config.result_endpoint()?, prefix, Duration::from_secs(86_400))
+            .await?;
     results.remember(&id).await?;
     let opts =
         NewTask { id: Some(id), priority: args.priority, eta, expires, ..NewTask::default() };

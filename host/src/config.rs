@@ -6,6 +6,7 @@
 //! finally command-line flags. The whole file is parsed and checked before anything runs; every
 //! problem is reported at once, naming the file, the key and what is wrong.
 
+use crate::endpoint::{Endpoint, TransportOptions};
 use crate::runtime::{Grants, Limits, Outcome, Preopen, TaskInfo};
 use crate::units::{ByteSize, HumanDuration};
 use serde::Deserialize;
@@ -40,10 +41,11 @@ pub struct ConfigFile {
     pub modules: Option<PathBuf>,
     /// Folder for compiled components.
     pub cache: Option<PathBuf>,
-    /// Broker URL, e.g. `redis://localhost:6379/0` or `memory://`.
-    pub broker: Option<String>,
-    /// Result backend URL.
-    pub result_backend: Option<String>,
+    /// Broker URL, e.g. `redis://localhost:6379/0` or `memory://`, or a `[broker]` table with
+    /// `url` and `transport_options`.
+    pub broker: Option<EndpointSpec>,
+    /// Result backend URL, or a table as for the broker.
+    pub result_backend: Option<EndpointSpec>,
     /// Settings for every task.
     #[serde(default)]
     pub defaults: TaskSettings,
@@ -57,6 +59,37 @@ pub struct ConfigFile {
     /// Periodic tasks, by entry name (`[beat."cleanup-hourly"]`).
     #[serde(default)]
     pub beat: BTreeMap<String, crate::beat::EntrySpec>,
+}
+
+/// A broker or result backend as the file gives it: a URL, or a table with kombu's transport
+/// options beside it (`[broker] url = "sentinel://..."` + `[broker.transport_options]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EndpointSpec {
+    /// Just the URL.
+    Url(String),
+    /// The URL (or none, when the environment gives it) and transport options.
+    Table(EndpointTable),
+}
+
+/// The table form of [`EndpointSpec`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointTable {
+    /// The URL.
+    pub url: Option<String>,
+    /// kombu's `broker_transport_options` / `result_backend_transport_options`.
+    #[serde(default)]
+    pub transport_options: TransportOptions,
+}
+
+impl EndpointSpec {
+    fn split(self) -> (Option<String>, Option<TransportOptions>) {
+        match self {
+            EndpointSpec::Url(url) => (Some(url), None),
+            EndpointSpec::Table(t) => (t.url, Some(t.transport_options)),
+        }
+    }
 }
 
 /// The queue the first rule of `routes` that matches `name` gives it.
@@ -346,8 +379,12 @@ pub struct Config {
     pub cache: Option<PathBuf>,
     /// Broker URL.
     pub broker: String,
+    /// The broker's transport options (Sentinel's `master_name`, ...).
+    pub broker_options: TransportOptions,
     /// Result backend URL.
     pub result_backend: String,
+    /// The result backend's transport options.
+    pub result_backend_options: TransportOptions,
     /// Settings for every task.
     pub defaults: TaskSettings,
     /// Settings for single tasks.
@@ -450,24 +487,52 @@ impl Config {
                 problems.push(format!("{shown}: {e}"));
             }
         }
-        if !problems.is_empty() {
-            return Err(ConfigError { problems });
-        }
-
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let (file_broker, file_broker_options) =
+            file.broker.map(EndpointSpec::split).unwrap_or_default();
+        let (file_results, file_results_options) =
+            file.result_backend.map(EndpointSpec::split).unwrap_or_default();
+        let mut env_options = |var: &str| {
+            let text = env(var)?;
+            TransportOptions::from_json(var, &text).map_err(|e| problems.push(e)).ok()
+        };
+        let broker_env_options = env_options("CELERY_BROKER_TRANSPORT_OPTIONS");
+        let results_env_options = env_options("CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS");
         let broker = overrides
             .broker
             .clone()
             .or_else(|| env("CELERY_BROKER_URL"))
             .or_else(|| env("REDIS_URL"))
-            .or(file.broker)
+            .or(file_broker)
             .unwrap_or_else(|| DEFAULT_REDIS_URL.to_string());
-        let result_backend = overrides
+        let broker_options = broker_env_options.or(file_broker_options).unwrap_or_default();
+        let explicit_results = overrides
             .result_backend
             .clone()
             .or_else(|| env("CELERY_RESULT_BACKEND"))
-            .or(file.result_backend)
-            .unwrap_or_else(|| broker.clone());
+            .or(file_results);
+        // Results kept on the broker's server follow the broker's options (its Sentinel master).
+        let result_backend_options = match &explicit_results {
+            Some(_) => results_env_options.or(file_results_options).unwrap_or_default(),
+            None => results_env_options
+                .or(file_results_options)
+                .unwrap_or_else(|| broker_options.clone()),
+        };
+        let result_backend = explicit_results.unwrap_or_else(|| broker.clone());
+        for (key, url, options) in [
+            ("broker", &broker, &broker_options),
+            ("result_backend", &result_backend, &result_backend_options),
+        ] {
+            if url.starts_with("memory://") {
+                continue;
+            }
+            if let Err(e) = Endpoint::parse(url, options) {
+                problems.push(format!("{shown}: {key} {}: {e}", crate::endpoint::masked_url(url)));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
         let modules = overrides
             .modules
             .clone()
@@ -483,13 +548,25 @@ impl Config {
             modules,
             cache,
             broker,
+            broker_options,
             result_backend,
+            result_backend_options,
             defaults,
             tasks,
             overrides: overrides.task.clone(),
             routes: file.routes,
             beat: file.beat,
         })
+    }
+
+    /// The broker's address with its transport options (checked when the file was loaded).
+    pub fn broker_endpoint(&self) -> anyhow::Result<Endpoint> {
+        Ok(Endpoint::parse(&self.broker, &self.broker_options)?)
+    }
+
+    /// The result backend's address with its transport options.
+    pub fn result_endpoint(&self) -> anyhow::Result<Endpoint> {
+        Ok(Endpoint::parse(&self.result_backend, &self.result_backend_options)?)
     }
 
     /// The beat entries, each sent to its own queue, else the one `route` gives its task.

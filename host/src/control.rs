@@ -173,7 +173,7 @@ pub async fn ask(
     let key = broker.key(&queue);
     // BRPOP holds the connection it runs on: on the broker's shared one it would stall every
     // other command of this process, the worker's own pidbox replies among them.
-    let mut waiting = redis::Client::open(broker.url())?.get_multiplexed_async_connection().await?;
+    let mut waiting = broker.endpoint().client().await?.get_multiplexed_async_connection().await?;
     while replies.len() < wanted {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
@@ -224,7 +224,7 @@ async fn listen(
 ) -> anyhow::Result<()> {
     use futures_util::StreamExt as _;
     let channel = broker.fanout_topic("celery.pidbox", "");
-    let mut pubsub = redis::Client::open(broker.url())?.get_async_pubsub().await?;
+    let mut pubsub = broker.endpoint().client().await?.get_async_pubsub().await?;
     pubsub.subscribe(&channel).await?;
     debug!(%channel, "listening for remote control");
     let mut messages = pubsub.on_message();

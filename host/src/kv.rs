@@ -41,7 +41,7 @@ struct Contents {
 pub struct KvStore {
     inner: Arc<Mutex<Contents>>,
     file: Option<PathBuf>,
-    redis: Option<(redis::aio::ConnectionManager, String)>,
+    redis: Option<(crate::endpoint::Conn, String)>,
 }
 
 impl std::fmt::Debug for KvStore {
@@ -81,7 +81,7 @@ impl KvStore {
     }
 
     /// A store in Redis; `prefix` is the global key prefix.
-    pub fn redis(conn: redis::aio::ConnectionManager, prefix: &str) -> Self {
+    pub fn redis(conn: crate::endpoint::Conn, prefix: &str) -> Self {
         KvStore {
             inner: Arc::default(),
             file: None,
@@ -93,7 +93,7 @@ impl KvStore {
         &self,
         ns: &str,
         key: &str,
-    ) -> Result<Option<(redis::aio::ConnectionManager, String)>, KvError> {
+    ) -> Result<Option<(crate::endpoint::Conn, String)>, KvError> {
         let full = Self::full_key(ns, key)?;
         Ok(self.redis.as_ref().map(|(c, p)| (c.clone(), format!("{p}{full}"))))
     }

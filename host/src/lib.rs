@@ -39,6 +39,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod endpoint;
 pub mod events;
 pub mod kv;
 pub mod lifecycle;

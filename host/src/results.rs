@@ -2,8 +2,9 @@
 //! with PUBLISH on the same key, which is what `AsyncResult.get()` waits for.
 
 use crate::broker::BrokerResult;
+use crate::endpoint::{Conn, Endpoint, TransportOptions};
+use anyhow::Context as _;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use std::time::Duration;
 
 /// SET (with expiry when ARGV[1] > 0) and PUBLISH each KEYS[i] to ARGV[i + 1], unless the key
@@ -88,9 +89,7 @@ pub fn status_of(meta: &str) -> Option<String> {
 /// The result backend.
 #[derive(Clone)]
 pub struct ResultBackend {
-    conn: ConnectionManager,
-    /// For the subscriptions [`ResultStore::wait_ready`] makes.
-    client: redis::Client,
+    conn: Conn,
     prefix: String,
     expires: Duration,
     store_script: redis::Script,
@@ -118,9 +117,19 @@ impl ResultBackend {
     /// `prefix` is the global key prefix, applied as Celery's result backend does (see
     /// [`key_prefix`]).
     pub async fn connect(url: &str, prefix: &str, expires: Duration) -> anyhow::Result<Self> {
+        let endpoint = Endpoint::parse(url, &TransportOptions::default())
+            .with_context(|| format!("result backend URL {}", crate::endpoint::masked_url(url)))?;
+        Self::open(&endpoint, prefix, expires).await
+    }
+
+    /// [`ResultBackend::connect`] to a parsed endpoint.
+    pub async fn open(
+        endpoint: &Endpoint,
+        prefix: &str,
+        expires: Duration,
+    ) -> anyhow::Result<Self> {
         Ok(ResultBackend {
-            conn: crate::broker::connect(url).await?,
-            client: redis::Client::open(url)?,
+            conn: Conn::open(endpoint).await?,
             prefix: key_prefix(prefix),
             expires,
             store_script: redis::Script::new(STORE),
@@ -257,7 +266,7 @@ impl crate::broker::ResultStore for ResultBackend {
         use futures_util::StreamExt as _;
         let key = self.key(id);
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut pubsub = self.client.get_async_pubsub().await?;
+        let mut pubsub = self.conn.endpoint().client().await?.get_async_pubsub().await?;
         pubsub.subscribe(&key).await?;
         let current = self.get(id).await?;
         if current.as_deref().is_some_and(is_ready) || timeout.is_zero() {

@@ -100,7 +100,7 @@ impl Dump {
 /// Prints every event until `count` were printed (for ever without one) or the subscription
 /// ends. `json` prints each event as one JSON object.
 pub async fn tail(broker: &RedisBroker, json: bool, count: Option<u64>) -> anyhow::Result<()> {
-    let mut pubsub = redis::Client::open(broker.url())?.get_async_pubsub().await?;
+    let mut pubsub = broker.endpoint().client().await?.get_async_pubsub().await?;
     pubsub.psubscribe(broker.fanout_topic("celeryev", "*")).await?;
     let mut messages = pubsub.on_message();
     let mut dump = Dump::default();

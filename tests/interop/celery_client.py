@@ -7,6 +7,12 @@ Usage (the broker and backend URLs come from CELERY_BROKER_URL / CELERY_RESULT_B
       send_task, then polls AsyncResult.state until ready; prints the distinct states seen
   python celery_client.py ping | revoked
       the workers' replies to `control ping` / `inspect revoked`
+  python celery_client.py send_many TASK ARGS_JSON N
+      send_task N times; prints {"ids": [...]}
+  python celery_client.py collect TIMEOUT < ids.json
+      AsyncResult(id).get() for each id read from stdin; prints {"results": {id: value}}
+Transport options (Sentinel's master_name) come as JSON from CELERY_BROKER_TRANSPORT_OPTIONS and
+CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS, as celeriac reads them.
 As a worker app: celery -A celery_client worker -Q default
 """
 import json
@@ -22,6 +28,10 @@ app = Celery(
     backend=os.environ["CELERY_RESULT_BACKEND"],
 )
 app.conf.update(task_track_started=True, broker_connection_retry_on_startup=True)
+for var, setting in (("CELERY_BROKER_TRANSPORT_OPTIONS", "broker_transport_options"),
+                     ("CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS", "result_backend_transport_options")):
+    if os.environ.get(var):
+        app.conf[setting] = json.loads(os.environ[var])
 
 
 @app.task(name="diagnostics.noop")
@@ -91,6 +101,15 @@ def main(argv):
     elif command == "revoked":
         # Each worker's in-memory revoked ids (Celery's `inspect revoked`).
         print(json.dumps({"replies": app.control.inspect(timeout=2.0).revoked() or {}}))
+    elif command == "send_many":
+        task, args, n = argv[2], json.loads(argv[3]), int(argv[4])
+        print(json.dumps({"ids": [send(task, args, {}).id for _ in range(n)]}))
+    elif command == "collect":
+        timeout, ids = float(argv[2]), json.load(sys.stdin)
+        results = {}
+        for task_id in ids:
+            results[task_id] = app.AsyncResult(task_id).get(timeout=timeout)
+        print(json.dumps({"results": results}))
     else:
         raise SystemExit(f"unknown command {command}")
 

@@ -1,6 +1,8 @@
 //! Shared helpers for celeriac's integration tests (in `tests/`).
 
 pub mod mutate;
+pub mod sentinel;
+pub mod tls;
 
 use celeriac::runtime::{
     Grants, Invocation, Limits, Module, RunEnv, RunReport, Runtime, RuntimeConfig,
@@ -79,30 +81,37 @@ pub fn resident_bytes() -> u64 {
 pub struct RedisServer {
     /// The port it listens on.
     pub port: u16,
+    /// Arguments beyond the common ones (`--port` unless given here).
+    args: Vec<String>,
+    /// Its working folder. A replica writes the snapshot it receives to `dump.rdb` there, and
+    /// every server loads a `dump.rdb` it finds at startup: a shared folder would leak one
+    /// test's data into the next test's server.
+    dir: tempfile::TempDir,
     child: Option<std::process::Child>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers.
     pub fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut server = RedisServer { port, child: None };
+        let port = free_port();
+        Self::start_with(port, &["--port".to_string(), port.to_string()])
+    }
+
+    /// Starts a server with `args` (which must make it listen on `port`, e.g. `--port 0
+    /// --tls-port P ...`) and waits until `port` accepts connections.
+    pub fn start_with(port: u16, args: &[String]) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = RedisServer { port, args: args.to_vec(), dir, child: None };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
         let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(&self.args)
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("start redis-server (is it installed? scripts/test and .ci/run need it)");

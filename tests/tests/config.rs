@@ -148,3 +148,36 @@ fn beat_entries_parse_and_a_bad_one_names_itself() {
     let e = parse("[beat.x]\ntask = \"t\"\nevery = \"1m\"\nmissed = \"sometimes\"\n").unwrap_err();
     assert!(e.contains("sometimes"), "{e}");
 }
+
+#[test]
+fn a_broker_table_carries_kombus_transport_options_and_bad_urls_name_the_key() {
+    let config = parse(
+        "[broker]\nurl = \"sentinel://:pw@10.0.0.1:26379/2;sentinel://10.0.0.2:26379/2\"\n\
+         [broker.transport_options]\nmaster_name = \"mymaster\"\nvisibility_timeout = 3600\n\
+         sentinel_kwargs = { password = \"sp\" }\n",
+    )
+    .unwrap();
+    assert_eq!(config.broker_options.master_name.as_deref(), Some("mymaster"));
+    assert_eq!(config.broker_options.ignored(), ["visibility_timeout"]);
+    // Results on the broker's server follow the broker's Sentinel master.
+    assert_eq!(config.result_backend, config.broker);
+    assert_eq!(config.result_endpoint().unwrap().db(), 2);
+
+    let e = parse("broker = \"sentinel://10.0.0.1:26379\"\n").unwrap_err();
+    assert!(
+        e.contains("test.toml: broker sentinel://10.0.0.1:26379: ") && e.contains("master_name"),
+        "{e}"
+    );
+    let e = parse("result_backend = \"redis+cluster://h:7000\"\n").unwrap_err();
+    assert!(
+        e.contains("test.toml: result_backend ") && e.contains("Redis Cluster is not supported"),
+        "{e}"
+    );
+    let e = parse("broker = \"rediss://u:secret@h/0?ssl_ca_certs=/no/such/ca.pem\"\n").unwrap_err();
+    assert!(
+        e.contains("rediss://u:**@h/0")
+            && e.contains("ssl_ca_certs=/no/such/ca.pem: cannot read it"),
+        "{e}"
+    );
+    assert!(!e.contains("secret"), "{e}");
+}

@@ -44,6 +44,34 @@ async fn python(redis: &RedisServer, args: Vec<String>) -> Value {
     .unwrap()
 }
 
+/// Runs the Python Celery client (`celery_client.py`) with `env` (its broker and backend URLs,
+/// transport options) and `stdin`; returns the JSON of its last line. It blocks: call it from
+/// a plain test or `spawn_blocking`.
+pub(crate) fn celery_client(env: &[(&str, String)], args: &[&str], stdin: Option<String>) -> Value {
+    use std::io::Write as _;
+    let mut child = Command::new(venv_python())
+        .arg(repo_root().join("tests/interop/celery_client.py"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the Python Celery client");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or_default().as_bytes()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python {args:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.trim().lines().last().unwrap_or("").to_string();
+    serde_json::from_str(&last).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
 /// A real Python Celery worker on queue `default`, serving `diagnostics.noop`.
 pub(crate) fn python_worker(redis: &RedisServer) -> std::process::Child {
     python_worker_on(redis, "default")

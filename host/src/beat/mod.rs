@@ -16,10 +16,10 @@
 pub mod schedule;
 
 use crate::broker::{RedisBroker, priority_list};
+use crate::endpoint::Conn;
 use crate::protocol::{self, NewTask};
 use crate::units::HumanDuration;
 use chrono::{DateTime, TimeZone as _, Utc};
-use redis::aio::ConnectionManager;
 pub use schedule::{Schedule, ScheduleError};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -264,7 +264,7 @@ return 0
 
 /// One beat.
 pub struct Beat {
-    conn: ConnectionManager,
+    conn: Conn,
     broker: RedisBroker,
     node: String,
     entries: Vec<Entry>,

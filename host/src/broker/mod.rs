@@ -9,7 +9,7 @@ mod redis;
 
 pub use self::leases::lease_of;
 pub use self::memory::MemoryBroker;
-pub use self::redis::{OWN_TAG, RedisBroker, connect, masked_url};
+pub use self::redis::{OWN_TAG, RedisBroker};
 
 use crate::results::StoredResult;
 use std::future::Future;

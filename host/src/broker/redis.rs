@@ -29,14 +29,19 @@ use super::{
     Broker, BrokerOptions, BrokerResult, Delivery, FollowUp, PRIORITY_SEP, PRIORITY_STEPS, now_ms,
     now_secs, priority_list,
 };
+use crate::endpoint::{Conn, Endpoint, TransportOptions, masked_url};
 use anyhow::Context as _;
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use std::time::Duration;
 
 /// A dead-letter record built inside a script, in the shape of `worker::dead_letter_record`,
 /// for messages a script cannot deliver and must not drop. `dead_letter(queue, reason, error,
 /// message)` pushes it onto `<ARGV dlq prefix><queue>` and returns whether that worked.
+/// The first line of every script that reaches keys it cannot name in KEYS (queue lists found
+/// through kombu's bindings, dead-letter lists): a Lua comment to Redis and Valkey, and to
+/// Dragonfly the flag that lets the script run, which it otherwise refuses.
+const UNDECLARED_KEYS: &str = "--!df flags=allow-undeclared-keys\n";
+
 /// Scripts put it between their header, which sets the locals `DLQ_PREFIX` and `NOW_ISO`
 /// (Redis forbids globals), and their body.
 const LUA_DEAD_LETTER: &str = r#"
@@ -76,6 +81,7 @@ local DLQ_PREFIX = ARGV[6]
 "#;
 
 const FETCH_BODY: &str = r#"
+local unpack = unpack or table.unpack -- Lua 5.1 (Redis, Valkey) or 5.4 (Dragonfly)
 local out, skipped, fields, scores = {}, {}, {}, {}
 local n = 0
 local function write(key, ...)
@@ -94,7 +100,11 @@ local function take()
   for i = 4, #KEYS do
     if n >= max then break end
     local ok, got = pcall(redis.call, 'RPOP', KEYS[i], max - n)
-    if not ok then
+    if not ok and string.find(error_text(got), 'READONLY', 1, true) then
+      -- A replica (the primary moved): say so, so the caller looks for the new primary,
+      -- rather than report every queue as skipped.
+      error({readonly = error_text(got)})
+    elseif not ok then
       table.insert(skipped, KEYS[i])
     elseif got then
       local j = i - 3
@@ -120,6 +130,9 @@ local function take()
   if n > 0 then write(KEYS[3], 'ZADD', KEYS[3], ARGV[2], ARGV[3]) end
 end
 local ok, err = pcall(take)
+if not ok and type(err) == 'table' and err.readonly then
+  return redis.error_reply(err.readonly)
+end
 if not ok then
   -- A bookkeeping key has the wrong type: undo what was recorded and put every message back
   -- where it was (pushed back last-popped first, so each list is in its old order).
@@ -308,6 +321,7 @@ return moved
 /// ARGV: the number of tags, the tags, the number of leases that end, the leases, then per
 /// follow-up `L, key index, value` (LPUSH) or `Z, due ms, member` (ZADD to scheduled).
 const SETTLE: &str = r#"
+local unpack = unpack or table.unpack -- Lua 5.1 (Redis, Valkey) or 5.4 (Dragonfly)
 for i, key in ipairs(KEYS) do
   local want = 'list'
   if i == 1 then want = 'hash' elseif i <= 4 then want = 'zset' end
@@ -411,10 +425,9 @@ const RESTORE_LIMIT: usize = 10_000;
 /// The Redis side of the broker.
 #[derive(Clone)]
 pub struct RedisBroker {
-    url: String,
     /// The database number, which kombu puts in every fanout topic (`/0.celeryev/...`).
     db: i64,
-    conn: ConnectionManager,
+    conn: Conn,
     opts: BrokerOptions,
     fetch: Script,
     restore: Script,
@@ -432,46 +445,27 @@ impl std::fmt::Debug for RedisBroker {
     }
 }
 
-/// `url` with its password shown as `**`, for output and error messages.
-pub fn masked_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let Some((auth, host)) = rest.rsplit_once('@') else { return url.to_string() };
-    match auth.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:**@{host}"),
-        None => url.to_string(),
-    }
-}
-
-/// Connects with automatic reconnection; the first connection must succeed.
-pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
-    let shown = masked_url(url);
-    let client = redis::Client::open(url).with_context(|| format!("invalid Redis URL {shown}"))?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_number_of_retries(3)
-        .set_max_delay(2_000)
-        .set_connection_timeout(Duration::from_secs(5))
-        .set_response_timeout(Duration::from_secs(30));
-    ConnectionManager::new_with_config(client, config)
-        .await
-        .with_context(|| format!("connect to Redis at {shown}"))
-}
-
 impl RedisBroker {
-    /// Connects to the broker at `url`.
+    /// Connects to the broker at `url` (with no transport options).
     pub async fn connect(url: &str, opts: BrokerOptions) -> anyhow::Result<Self> {
-        let db = redis::Client::open(url)
-            .with_context(|| format!("invalid Redis URL {url}"))?
-            .get_connection_info()
-            .redis
-            .db;
+        let endpoint = Endpoint::parse(url, &TransportOptions::default())
+            .with_context(|| format!("broker URL {}", masked_url(url)))?;
+        Self::open(&endpoint, opts).await
+    }
+
+    /// Connects to the broker at `endpoint`.
+    pub async fn open(endpoint: &Endpoint, opts: BrokerOptions) -> anyhow::Result<Self> {
         Ok(RedisBroker {
-            url: url.to_string(),
-            db,
-            conn: connect(url).await?,
+            db: endpoint.db(),
+            conn: Conn::open(endpoint).await?,
             opts,
-            fetch: Script::new(&format!("{FETCH}{LUA_DEAD_LETTER}{FETCH_BODY}")),
-            restore: Script::new(&format!("{RESTORE}{LUA_DEAD_LETTER}{RESTORE_BODY}")),
-            move_due: Script::new(&format!("{MOVE_DUE}{LUA_DEAD_LETTER}{MOVE_DUE_BODY}")),
+            fetch: Script::new(&format!("{UNDECLARED_KEYS}{FETCH}{LUA_DEAD_LETTER}{FETCH_BODY}")),
+            restore: Script::new(&format!(
+                "{UNDECLARED_KEYS}{RESTORE}{LUA_DEAD_LETTER}{RESTORE_BODY}"
+            )),
+            move_due: Script::new(&format!(
+                "{UNDECLARED_KEYS}{MOVE_DUE}{LUA_DEAD_LETTER}{MOVE_DUE_BODY}"
+            )),
             settle: Script::new(SETTLE),
             take_tokens: Script::new(TAKE_TOKENS),
             dlq_replay: Script::new(DLQ_REPLAY),
@@ -481,14 +475,24 @@ impl RedisBroker {
 
     /// Fails with a clear message unless the server is Redis 6.2 or newer: the scripts pop with
     /// `RPOP key count` and revocation checks use `ZMSCORE`, both new in 6.2.
+    /// A Redis Cluster node is refused too: see [`crate::endpoint::cluster_refused`].
     pub async fn check_version(&self) -> anyhow::Result<()> {
+        let cluster: String =
+            redis::cmd("INFO").arg("cluster").query_async(&mut self.conn.clone()).await?;
+        if cluster.lines().any(|l| l.trim() == "cluster_enabled:1") {
+            anyhow::bail!(
+                "the broker at {} is a Redis Cluster node: {}",
+                self.endpoint().shown(),
+                crate::endpoint::cluster_refused()
+            );
+        }
         let info: String =
             redis::cmd("INFO").arg("server").query_async(&mut self.conn.clone()).await?;
         too_old(&info).map_or(Ok(()), |version| {
             anyhow::bail!(
                 "the broker at {} runs Redis {version}; celeriac needs Redis 6.2 or newer \
                  (RPOP with a count, ZMSCORE)",
-                self.url
+                self.endpoint().shown()
             )
         })
     }
@@ -549,13 +553,13 @@ impl RedisBroker {
             .reduce(f64::max))
     }
 
-    /// The URL it was connected with.
-    pub fn url(&self) -> &str {
-        &self.url
+    /// Where it connects; [`Endpoint::client`] gives the stand-alone connections (pub/sub).
+    pub fn endpoint(&self) -> &Endpoint {
+        self.conn.endpoint()
     }
 
     /// The connection, for callers that need plain commands.
-    pub fn conn(&self) -> ConnectionManager {
+    pub fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
@@ -943,45 +947,40 @@ impl Broker for RedisBroker {
     }
 
     fn describe(&self) -> serde_json::Value {
-        let info = redis::IntoConnectionInfo::into_connection_info(self.url.as_str()).ok();
-        let (host, port, path) = match info.as_ref().map(|i| &i.addr) {
-            Some(redis::ConnectionAddr::Tcp(h, p)) => (h.clone(), Some(*p), None),
-            Some(redis::ConnectionAddr::TcpTls { host, port, .. }) => {
-                (host.clone(), Some(*port), None)
-            }
-            Some(redis::ConnectionAddr::Unix(path)) => {
-                ("localhost".to_string(), None, Some(path.display().to_string()))
-            }
-            _ => ("localhost".to_string(), None, None),
+        use crate::endpoint::Target;
+        let endpoint = self.endpoint();
+        let (first, transport, mut options) = match endpoint.target() {
+            Target::Direct(nodes) => (&nodes[0].info, "redis", serde_json::json!({})),
+            Target::Sentinel(spec) => (
+                &spec.sentinels[0].info,
+                "sentinel",
+                serde_json::json!({"master_name": spec.master_name}),
+            ),
         };
-        let user = info.as_ref().and_then(|i| i.redis.username.clone());
-        let masked = match (&path, port) {
-            (Some(path), _) => format!("redis+socket://{path}?virtual_host={}", self.db),
-            (None, port) => {
-                let auth = match (&user, info.as_ref().and_then(|i| i.redis.password.as_ref())) {
-                    (Some(u), _) => format!("{u}:**@"),
-                    (None, Some(_)) => ":**@".to_string(),
-                    _ => String::new(),
-                };
-                format!("redis://{auth}{host}:{}/{}", port.unwrap_or(6379), self.db)
-            }
+        options["global_keyprefix"] = self.opts.global_prefix.clone().into();
+        let (host, port) = match &first.addr {
+            redis::ConnectionAddr::Tcp(h, p) => (h.clone(), Some(*p)),
+            redis::ConnectionAddr::TcpTls { host, port, .. } => (host.clone(), Some(*port)),
+            redis::ConnectionAddr::Unix(_) => ("localhost".to_string(), None),
         };
+        let alternates: Vec<String> =
+            endpoint.shown().split(';').skip(1).map(str::to_string).collect();
         serde_json::json!({
             "hostname": host,
-            "userid": user,
+            "userid": first.redis.username,
             "virtual_host": self.db.to_string(),
             "port": port,
             "insist": false,
-            "ssl": matches!(info.as_ref().map(|i| &i.addr), Some(redis::ConnectionAddr::TcpTls { .. })),
-            "transport": "redis",
+            "ssl": matches!(first.addr, redis::ConnectionAddr::TcpTls { .. }),
+            "transport": transport,
             "connect_timeout": 4,
-            "transport_options": {"global_keyprefix": self.opts.global_prefix},
+            "transport_options": options,
             "login_method": null,
             "uri_prefix": null,
             "heartbeat": 120.0,
             "failover_strategy": "round-robin",
-            "alternates": [],
-            "url": masked,
+            "alternates": alternates,
+            "url": endpoint.shown().split(';').next().unwrap_or_default(),
         })
     }
 
@@ -1016,13 +1015,5 @@ mod tests {
         assert_eq!(super::too_old(&info("6.2.0")), None);
         assert_eq!(super::too_old(&info("7.0.15")), None);
         assert_eq!(super::too_old("# Server\r\n"), None);
-    }
-
-    #[test]
-    fn a_url_is_shown_without_its_password() {
-        assert_eq!(super::masked_url("redis://:s3cret@h:6379/0"), "redis://:**@h:6379/0");
-        assert_eq!(super::masked_url("rediss://app:s3cret@h/1"), "rediss://app:**@h/1");
-        assert_eq!(super::masked_url("redis://h:6379/0"), "redis://h:6379/0");
-        assert_eq!(super::masked_url("redis://app@h/0"), "redis://app@h/0");
     }
 }
