@@ -53,6 +53,7 @@ async fn measure(port: u16) {
         grace: Duration::from_secs(5),
         revoke_ttl: Duration::from_secs(60),
         track_started: true,
+        result_extended: false,
         weights: Vec::new(),
     };
     let worker = Worker::new(registry, broker.clone(), results, KvStore::memory(), opts);

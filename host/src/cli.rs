@@ -266,6 +266,10 @@ pub struct WorkerArgs {
     /// in the next settle batch, before the final state).
     #[arg(long)]
     pub no_track_started: bool,
+    /// Store each state with the task's name, args, kwargs, worker, retries and queue
+    /// (Celery's `result_extended`; the `extended` columns with results in PostgreSQL).
+    #[arg(long)]
+    pub result_extended: bool,
     /// Start with Celery task events off (worker heartbeats are always sent; Flower's
     /// `enable_events` or `celery control enable_events` turns task events on).
     #[arg(long)]
@@ -435,7 +439,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Status { id: Some(id), wait, .. } => {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
             let results =
-                ResultBackend::open(&config.result_endpoint()?, &prefix, Duration::ZERO).await?;
+                ResultBackend::open(&config.result_target()?, &prefix, Duration::ZERO).await?;
             let (state, meta) = match wait {
                 Some(w) => client::wait(&results, &id, w.0).await?,
                 None => client::status(&results, &id).await?,
@@ -453,12 +457,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             let config = Config::load(cli.config.as_deref(), &overrides)?;
             let broker =
                 RedisBroker::open(&config.broker_endpoint()?, broker_options(&prefix)).await?;
-            let results = ResultBackend::open(
-                &config.result_endpoint()?,
-                &prefix,
-                Duration::from_secs(86_400),
-            )
-            .await?;
+            let results =
+                ResultBackend::open(&config.result_target()?, &prefix, Duration::from_secs(86_400))
+                    .await?;
             client::revoke(&broker, &results, &ids, terminate, ttl.0).await?;
             // Recorded for good above; the broadcast tells running workers (celeriac and
             // Python alike) now rather than at their next look at the revoked set.
@@ -524,7 +525,7 @@ async fn demo(config: &Config, broker_url: Option<&str>, prefix: &str) -> anyhow
         Some(url) => {
             let broker = RedisBroker::connect(url, broker_options(prefix)).await?;
             let results =
-                ResultBackend::open(&config.result_endpoint()?, prefix, Duration::from_secs(3600))
+                ResultBackend::open(&config.result_target()?, prefix, Duration::from_secs(3600))
                     .await?;
             let kv = KvStore::redis(broker.conn(), prefix);
             crate::demo::run(registry, broker, results, kv, url).await
@@ -656,6 +657,21 @@ async fn beat(
     Ok(0)
 }
 
+/// Deletes expired results from PostgreSQL on a schedule, as `celery.backend_cleanup` does from
+/// Celery's beat. Every worker runs it; the deletes are idempotent.
+async fn expire_results(rows: crate::results::PgResults) {
+    let Some(every) = rows.expire_every() else { return };
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        match rows.expire().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("deleted {n} expired results from PostgreSQL"),
+            Err(e) => tracing::warn!("deleting expired results from PostgreSQL failed: {e}"),
+        }
+    }
+}
+
 fn shown_source(config: &Config) -> String {
     config.source.as_deref().map_or("the configuration".into(), |p| p.display().to_string())
 }
@@ -701,7 +717,7 @@ async fn worker(
     let broker = RedisBroker::open(&config.broker_endpoint()?, opts).await?;
     broker.check_version().await?;
     let results =
-        ResultBackend::open(&config.result_endpoint()?, prefix, args.result_expires.0).await?;
+        ResultBackend::open(&config.result_target()?, prefix, args.result_expires.0).await?;
     let kv = KvStore::redis(broker.conn(), prefix);
     for q in &named {
         crate::broker::check_queue_name(q).map_err(|e| anyhow::anyhow!("-Q: {e}"))?;
@@ -744,6 +760,7 @@ async fn worker(
         grace: args.grace.0,
         revoke_ttl: Duration::from_secs(3 * 3600),
         track_started: !args.no_track_started,
+        result_extended: args.result_extended || config.result_database.extended == Some(true),
         weights,
     };
     let events = crate::events::CeleryEvents::new(&options.hostname);
@@ -767,6 +784,9 @@ async fn worker(
     let systemd_broker = broker.clone();
     let catalog = crate::api::Catalog::new(&registry, config);
     let served = catalog.clone();
+    if let Some(rows) = results.postgres().cloned() {
+        tokio::spawn(expire_results(rows));
+    }
     let w = Worker::monitored(registry, broker, results, kv, options, monitoring);
     let stop_http = CancellationToken::new();
     let http = match args.http {
@@ -885,7 +905,7 @@ async fn api(config: &Config, prefix: &str, args: ApiArgs) -> anyhow::Result<i32
     redis_only(&config.broker)?;
     let broker = RedisBroker::open(&config.broker_endpoint()?, broker_options(prefix)).await?;
     let results =
-        ResultBackend::open(&config.result_endpoint()?, prefix, args.result_expires.0).await?;
+        ResultBackend::open(&config.result_target()?, prefix, args.result_expires.0).await?;
     // Loaded for the task names and their queues (compiled modules come from the cache).
     let registry = Registry::load(config, 1).await?;
     let catalog = crate::api::Catalog::new(&registry, config);
@@ -977,8 +997,7 @@ async fn enqueue(config: &Config, prefix: &str, args: EnqueueArgs) -> anyhow::Re
     let id = args.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     // Remembered, so the HTTP API reads it as PENDING rather than unknown until it runs.
     let results =
-        ResultBackend::open(&config.result_endpoint()?, prefix, Duration::from_secs(86_400))
-            .await?;
+        ResultBackend::open(&config.result_target()?, prefix, Duration::from_secs(86_400)).await?;
     results.remember(&id).await?;
     let opts =
         NewTask { id: Some(id), priority: args.priority, eta, expires, ..NewTask::default() };

@@ -81,15 +81,33 @@ pub struct EndpointTable {
     /// kombu's `broker_transport_options` / `result_backend_transport_options`.
     #[serde(default)]
     pub transport_options: TransportOptions,
+    /// Results in PostgreSQL: how the `result` column is encoded (`pickle`, the default, or
+    /// `json`).
+    pub serializer: Option<crate::results::Serializer>,
+    /// Results in PostgreSQL: add and fill Celery's extended columns (`result_extended`).
+    pub extended: Option<bool>,
 }
 
 impl EndpointSpec {
-    fn split(self) -> (Option<String>, Option<TransportOptions>) {
+    fn split(self) -> (Option<String>, Option<TransportOptions>, DatabaseOptions) {
         match self {
-            EndpointSpec::Url(url) => (Some(url), None),
-            EndpointSpec::Table(t) => (t.url, Some(t.transport_options)),
+            EndpointSpec::Url(url) => (Some(url), None, DatabaseOptions::default()),
+            EndpointSpec::Table(t) => (
+                t.url,
+                Some(t.transport_options),
+                DatabaseOptions { serializer: t.serializer, extended: t.extended },
+            ),
         }
     }
+}
+
+/// The settings of a `db+postgresql://` result backend.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DatabaseOptions {
+    /// How the `result` column is encoded.
+    pub serializer: Option<crate::results::Serializer>,
+    /// Celery's extended columns.
+    pub extended: Option<bool>,
 }
 
 /// The queue the first rule of `routes` that matches `name` gives it.
@@ -385,6 +403,8 @@ pub struct Config {
     pub result_backend: String,
     /// The result backend's transport options.
     pub result_backend_options: TransportOptions,
+    /// The result backend's database settings (with `db+postgresql://`).
+    pub result_database: DatabaseOptions,
     /// Settings for every task.
     pub defaults: TaskSettings,
     /// Settings for single tasks.
@@ -488,9 +508,13 @@ impl Config {
             }
         }
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let (file_broker, file_broker_options) =
+        let (file_broker, file_broker_options, broker_database) =
             file.broker.map(EndpointSpec::split).unwrap_or_default();
-        let (file_results, file_results_options) =
+        if broker_database != DatabaseOptions::default() {
+            problems
+                .push(format!("{shown}: broker: serializer and extended belong to result_backend"));
+        }
+        let (file_results, file_results_options, result_database) =
             file.result_backend.map(EndpointSpec::split).unwrap_or_default();
         let mut env_options = |var: &str| {
             let text = env(var)?;
@@ -526,6 +550,25 @@ impl Config {
             if url.starts_with("memory://") {
                 continue;
             }
+            if url.starts_with("db+") {
+                if key == "broker" {
+                    problems.push(format!(
+                        "{shown}: broker {}: a database is a result backend; the broker is Redis",
+                        crate::endpoint::masked_url(url)
+                    ));
+                } else if let Err(e) = crate::results::PgSpec::parse(url, Default::default(), false)
+                {
+                    problems
+                        .push(format!("{shown}: {key} {}: {e}", crate::endpoint::masked_url(url)));
+                }
+                continue;
+            }
+            if result_database != DatabaseOptions::default() && key == "result_backend" {
+                problems.push(format!(
+                    "{shown}: result_backend: serializer and extended apply to a db+postgresql:// \
+                     result backend only"
+                ));
+            }
             if let Err(e) = Endpoint::parse(url, options) {
                 problems.push(format!("{shown}: {key} {}: {e}", crate::endpoint::masked_url(url)));
             }
@@ -551,6 +594,7 @@ impl Config {
             broker_options,
             result_backend,
             result_backend_options,
+            result_database,
             defaults,
             tasks,
             overrides: overrides.task.clone(),
@@ -564,9 +608,26 @@ impl Config {
         Ok(Endpoint::parse(&self.broker, &self.broker_options)?)
     }
 
-    /// The result backend's address with its transport options.
-    pub fn result_endpoint(&self) -> anyhow::Result<Endpoint> {
-        Ok(Endpoint::parse(&self.result_backend, &self.result_backend_options)?)
+    /// Where results go: a Redis endpoint, or PostgreSQL beside the broker's Redis.
+    pub fn result_target(&self) -> anyhow::Result<crate::results::ResultTarget> {
+        use crate::results::{PgSpec, ResultTarget};
+        if self.result_backend.starts_with("db+") {
+            let db = &self.result_database;
+            let spec = PgSpec::parse(
+                &self.result_backend,
+                db.serializer.unwrap_or_default(),
+                db.extended.unwrap_or(false),
+            )
+            .map_err(anyhow::Error::msg)?;
+            return Ok(ResultTarget::Postgres {
+                spec: Box::new(spec),
+                broker: self.broker_endpoint()?,
+            });
+        }
+        Ok(ResultTarget::Redis(Endpoint::parse(
+            &self.result_backend,
+            &self.result_backend_options,
+        )?))
     }
 
     /// The beat entries, each sent to its own queue, else the one `route` gives its task.

@@ -60,6 +60,7 @@ pub async fn run<B: Broker, R: ResultStore>(
         grace: Duration::from_secs(5),
         revoke_ttl: Duration::from_secs(600),
         track_started: true,
+        result_extended: false,
         weights: Vec::new(),
     };
     let worker = Worker::new(registry.clone(), broker.clone(), results.clone(), kv, opts);

@@ -635,6 +635,21 @@ pub fn result_meta(
     result_meta_json(id, status, &result.to_string(), traceback, children)
 }
 
+/// `meta` with Celery's `result_extended` fields: the task's name, args, kwargs, the worker's
+/// name, the retries so far and the queue.
+pub fn extend_meta(meta: &str, msg: &TaskMessage, queue: &str, worker: &str) -> String {
+    let Ok(Value::Object(mut m)) = serde_json::from_str::<Value>(meta) else {
+        return meta.to_string();
+    };
+    m.insert("name".into(), msg.task.clone().into());
+    m.insert("args".into(), serde_json::from_str(&msg.args).unwrap_or(Value::Null));
+    m.insert("kwargs".into(), serde_json::from_str(&msg.kwargs).unwrap_or(Value::Null));
+    m.insert("worker".into(), worker.into());
+    m.insert("retries".into(), msg.retries.into());
+    m.insert("queue".into(), queue.into());
+    Value::Object(m).to_string()
+}
+
 /// [`result_meta`] for a result that is already JSON text (a task's validated return value),
 /// written out directly: this runs once per task, so it builds no tree.
 pub fn result_meta_json(

@@ -1,6 +1,7 @@
 //! Shared helpers for celeriac's integration tests (in `tests/`).
 
 pub mod mutate;
+pub mod postgres;
 pub mod sentinel;
 pub mod tls;
 

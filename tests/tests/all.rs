@@ -11,6 +11,7 @@ mod hardening;
 mod http_api;
 mod interop;
 mod monitoring;
+mod postgres;
 mod production_redis;
 mod sandbox;
 mod scripts;

@@ -106,6 +106,7 @@ pub(crate) async fn start_with(
         grace: Duration::from_secs(5),
         revoke_ttl: Duration::from_secs(600),
         track_started: true,
+        result_extended: false,
         weights: Vec::new(),
     };
     let mut opts = opts;
@@ -452,6 +453,7 @@ async fn shutdown_hands_unfinished_tasks_back_to_their_queue() {
         grace: Duration::from_millis(300),
         revoke_ttl: Duration::from_secs(60),
         track_started: true,
+        result_extended: false,
         weights: Vec::new(),
     };
     let kv = KvStore::redis(b.conn(), "");

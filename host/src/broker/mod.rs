@@ -134,6 +134,14 @@ pub enum BrokerError {
     /// Redis refused or could not be reached.
     #[error(transparent)]
     Redis(#[from] ::redis::RedisError),
+    /// The PostgreSQL result backend refused or could not be reached.
+    #[error("PostgreSQL: {message}")]
+    Database {
+        /// What went wrong.
+        message: String,
+        /// Whether it may pass (a lost connection) rather than come again (a refused request).
+        transient: bool,
+    },
 }
 
 impl BrokerError {
@@ -141,7 +149,10 @@ impl BrokerError {
     /// out, loading, failing over), rather than that it refused this request: only these are
     /// worth retrying unchanged.
     pub fn is_transient(&self) -> bool {
-        let BrokerError::Redis(e) = self;
+        let e = match self {
+            BrokerError::Redis(e) => e,
+            BrokerError::Database { transient, .. } => return *transient,
+        };
         use ::redis::ErrorKind::*;
         e.is_io_error()
             || e.is_connection_dropped()

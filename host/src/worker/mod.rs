@@ -78,6 +78,9 @@ pub struct WorkerOptions {
     pub revoke_ttl: Duration,
     /// Store STARTED when a task starts (Celery's `task_track_started`).
     pub track_started: bool,
+    /// Store each state with the task's name, args, kwargs, worker, retries and queue
+    /// (Celery's `result_extended`).
+    pub result_extended: bool,
 }
 
 /// Counters, for the shutdown summary and tests.
@@ -646,12 +649,13 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             // Run it. STARTED goes through the settler like every result, so it is stored in
             // order before the final state and costs no round trip of its own.
             if self.opts.track_started && !msg.ignore_result {
-                let started = self.result(
+                let mut started = self.result(
                     &msg,
                     states::STARTED,
                     json!({"pid": std::process::id(), "hostname": self.opts.hostname}),
                     &[],
                 );
+                self.extend(&mut started, d, &msg);
                 self.to_settler(Settlement {
                     delivery: None,
                     results: vec![started],
@@ -717,6 +721,9 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             Disposition::Finish { mut results, then, mut chords } => {
                 chords.parts = canvas::chord_parts(&task, &results);
                 results.retain(|r| Some(&r.id) != ignored.as_ref());
+                for r in results.iter_mut().filter(|r| r.id == task.id) {
+                    self.extend(r, d, &task);
+                }
                 Disposition::Finish { results, then, chords }
             }
             other => other,
@@ -971,6 +978,13 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             priority: msg.priority,
             envelope: String::from_utf8_lossy(&d.payload).into_owned(),
             due_ms,
+        }
+    }
+
+    /// Adds Celery's `result_extended` fields to `stored`, when the worker was asked to.
+    fn extend(&self, stored: &mut StoredResult, d: &Delivery, msg: &TaskMessage) {
+        if self.opts.result_extended {
+            stored.meta = protocol::extend_meta(&stored.meta, msg, &d.queue, &self.opts.hostname);
         }
     }
 
@@ -1551,6 +1565,7 @@ mod tests {
             grace: Duration::from_secs(1),
             revoke_ttl: Duration::from_secs(60),
             track_started: true,
+            result_extended: false,
             weights: Vec::new(),
         };
         let kv = crate::kv::KvStore::memory();

@@ -1,9 +1,9 @@
-//! The Celery result backend on Redis: `celery-task-meta-<id>` written with SETEX and announced
+//! Results on Redis: `celery-task-meta-<id>` written with SETEX and announced
 //! with PUBLISH on the same key, which is what `AsyncResult.get()` waits for.
 
+use super::{StoredResult, is_ready};
 use crate::broker::BrokerResult;
-use crate::endpoint::{Conn, Endpoint, TransportOptions};
-use anyhow::Context as _;
+use crate::endpoint::{Conn, Endpoint};
 use redis::AsyncCommands;
 use std::time::Duration;
 
@@ -77,18 +77,9 @@ pub fn key_prefix(prefix: &str) -> String {
     }
 }
 
-/// The `status` member of a stored meta, if it has one.
-pub fn status_of(meta: &str) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Status {
-        status: Option<String>,
-    }
-    serde_json::from_str::<Status>(meta).ok()?.status
-}
-
-/// The result backend.
+/// The result backend on Redis.
 #[derive(Clone)]
-pub struct ResultBackend {
+pub struct RedisResults {
     conn: Conn,
     prefix: String,
     expires: Duration,
@@ -97,38 +88,22 @@ pub struct ResultBackend {
     chord_done: redis::Script,
 }
 
-impl std::fmt::Debug for ResultBackend {
+impl std::fmt::Debug for RedisResults {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResultBackend").field("prefix", &self.prefix).finish()
+        f.debug_struct("RedisResults").field("prefix", &self.prefix).finish()
     }
 }
 
-/// One result to store.
-#[derive(Debug, Clone)]
-pub struct StoredResult {
-    /// Task id.
-    pub id: String,
-    /// The meta JSON (see [`crate::protocol::result_meta`]).
-    pub meta: String,
-}
-
-impl ResultBackend {
-    /// Connects to `url`; `expires` is Celery's `result_expires` (0 keeps results forever);
-    /// `prefix` is the global key prefix, applied as Celery's result backend does (see
+impl RedisResults {
+    /// Connects to `endpoint`; `expires` is Celery's `result_expires` (0 keeps results
+    /// forever); `prefix` is the global key prefix, applied as Celery's result backend does (see
     /// [`key_prefix`]).
-    pub async fn connect(url: &str, prefix: &str, expires: Duration) -> anyhow::Result<Self> {
-        let endpoint = Endpoint::parse(url, &TransportOptions::default())
-            .with_context(|| format!("result backend URL {}", crate::endpoint::masked_url(url)))?;
-        Self::open(&endpoint, prefix, expires).await
-    }
-
-    /// [`ResultBackend::connect`] to a parsed endpoint.
     pub async fn open(
         endpoint: &Endpoint,
         prefix: &str,
         expires: Duration,
     ) -> anyhow::Result<Self> {
-        Ok(ResultBackend {
+        Ok(RedisResults {
             conn: Conn::open(endpoint).await?,
             prefix: key_prefix(prefix),
             expires,
@@ -224,18 +199,7 @@ impl ResultBackend {
     }
 }
 
-/// Whether a stored meta is in a state that no longer changes (SUCCESS, FAILURE, REVOKED).
-pub fn is_ready(meta: &str) -> bool {
-    status_of(meta).is_some_and(|s| is_ready_state(&s))
-}
-
-/// Whether `state` no longer changes: SUCCESS, FAILURE or REVOKED.
-pub fn is_ready_state(state: &str) -> bool {
-    use crate::protocol::states;
-    [states::SUCCESS, states::FAILURE, states::REVOKED].contains(&state)
-}
-
-impl crate::broker::ResultStore for ResultBackend {
+impl crate::broker::ResultStore for RedisResults {
     /// Stores results in one round trip. A stored SUCCESS is never overwritten: a redelivered
     /// message that ran again must not replace the first result with a later state.
     async fn store(&self, results: &[&StoredResult]) -> crate::broker::BrokerResult<()> {
