@@ -215,3 +215,16 @@ fn a_unix_socket_url_and_a_failover_list_work_as_kombu_writes_them() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.contains("\"listed\""), "{stdout}{}", stderr(&out));
 }
+
+#[test]
+fn a_redis_cluster_node_is_refused_at_startup_with_the_reason() {
+    let port = free_port();
+    let _redis = RedisServer::start_with(
+        port,
+        &["--port", &port.to_string(), "--cluster-enabled", "yes"].map(String::from),
+    );
+    let out = celeriac(&format!("redis://127.0.0.1:{port}/0"), &["worker", "--check"]);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("is a Redis Cluster node") && text.contains("Sentinel"), "{text}");
+}
