@@ -28,42 +28,29 @@ fn worker(redis: &RedisServer, pg: &PgServer, args: &[&str]) -> Reaped {
     )
 }
 
-/// Rows of `celery_taskmeta` for `id`: status, the result column's bytes, whether date_done is set.
-fn row(pg: &PgServer, id: &str) -> Option<(String, Vec<u8>, bool)> {
-    let url = pg.url();
-    let id = id.to_string();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async move {
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(connection);
-        let row = client
-            .query_opt(
-                "SELECT status, result, date_done IS NOT NULL FROM celery_taskmeta WHERE task_id = $1",
-                &[&id],
-            )
-            .await
-            .unwrap()?;
-        Some((row.get(0), row.get(1), row.get(2)))
-    })
-}
-
-/// The extended columns of `id`'s row: name, args, worker, retries, queue.
-fn extended(pg: &PgServer, id: &str) -> (String, Vec<u8>, String, i32, String) {
+/// `columns` of `id`'s row in `celery_taskmeta`, read with a client of the test's own.
+fn task_row(pg: &PgServer, columns: &str, id: &str) -> Option<tokio_postgres::Row> {
     let (url, id) = (pg.url(), id.to_string());
+    let sql = format!("SELECT {columns} FROM celery_taskmeta WHERE task_id = $1");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async move {
         let (client, connection) =
             tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(connection);
-        let row = client
-            .query_one(
-                "SELECT name, args, worker, retries, queue FROM celery_taskmeta WHERE task_id = $1",
-                &[&id],
-            )
-            .await
-            .unwrap();
-        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4))
+        client.query_opt(&sql, &[&id]).await.unwrap()
     })
+}
+
+/// Status, the result column's bytes, and whether date_done is set.
+fn row(pg: &PgServer, id: &str) -> Option<(String, Vec<u8>, bool)> {
+    let row = task_row(pg, "status, result, date_done IS NOT NULL", id)?;
+    Some((row.get(0), row.get(1), row.get(2)))
+}
+
+/// The extended columns: name, args, worker, retries, queue.
+fn extended(pg: &PgServer, id: &str) -> (String, Vec<u8>, String, i32, String) {
+    let row = task_row(pg, "name, args, worker, retries, queue", id).expect("the row");
+    (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4))
 }
 
 #[test]

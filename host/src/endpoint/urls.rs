@@ -126,11 +126,11 @@ fn parse_sentinel(parts: &[&str], options: &TransportOptions) -> Result<Target, 
     let mut master = None;
     for part in parts {
         let parsed = parse_url(part)?;
-        let (host, port) = host_port(&parsed, SENTINEL_PORT)?;
+        let (host, port) = host_port(&parsed, SENTINEL_PORT);
         let query = Query::read(&parsed)?;
         // kombu takes the master's login, database and TLS from the first URL.
         if master.is_none() {
-            master = Some((login(&parsed, db_from_path(&parsed)?)?, query.tls(false)?));
+            master = Some((login(&parsed, db_from_path(&parsed)?), query.tls(false)?));
         }
         // The sentinels have their own login (`sentinel_kwargs`), as redis-py's Sentinel does.
         let redis = RedisConnectionInfo {
@@ -167,7 +167,7 @@ fn parse_node(part: &str) -> Result<Node, UrlError> {
     let scheme = parsed.scheme().to_ascii_lowercase();
     match scheme.as_str() {
         "redis" | "valkey" | "rediss" | "valkeys" => {
-            let (host, port) = host_port(&parsed, REDIS_PORT)?;
+            let (host, port) = host_port(&parsed, REDIS_PORT);
             let query = Query::read(&parsed)?;
             let secure = matches!(scheme.as_str(), "rediss" | "valkeys");
             let tls = query.tls(secure)?;
@@ -177,7 +177,7 @@ fn parse_node(part: &str) -> Result<Node, UrlError> {
                     super::masked_url(part)
                 )));
             }
-            let redis = login(&parsed, db_from_path(&parsed)?)?;
+            let redis = login(&parsed, db_from_path(&parsed)?);
             let addr = match &tls {
                 Some(_) => ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None },
                 None => ConnectionAddr::Tcp(host, port),
@@ -196,7 +196,7 @@ fn parse_node(part: &str) -> Result<Node, UrlError> {
                 Some(db) => db_number(db)?,
                 None => 0,
             };
-            let mut redis = login(&parsed, db)?;
+            let mut redis = login(&parsed, db);
             redis.username = redis.username.or(query.user.clone());
             redis.password = redis.password.or(query.pass.clone());
             Ok(Node {
@@ -226,13 +226,13 @@ fn parse_url(part: &str) -> Result<url::Url, UrlError> {
     url::Url::parse(part).map_err(|e| bad(format!("{}: not a URL: {e}", super::masked_url(part))))
 }
 
-fn host_port(url: &url::Url, default: u16) -> Result<(String, u16), UrlError> {
+fn host_port(url: &url::Url, default: u16) -> (String, u16) {
     let host = match url.host() {
         Some(url::Host::Ipv6(ip)) => ip.to_string(),
         Some(h) => h.to_string(),
         None => "localhost".to_string(),
     };
-    Ok((host, url.port().unwrap_or(default)))
+    (host, url.port().unwrap_or(default))
 }
 
 /// The database from the path (`/3`); kombu also takes `virtual_host` this way.
@@ -251,11 +251,11 @@ fn db_number(text: &str) -> Result<i64, UrlError> {
 }
 
 /// The user and password of a URL, percent-decoded; a password alone is the `default` user's.
-fn login(url: &url::Url, db: i64) -> Result<RedisConnectionInfo, UrlError> {
+fn login(url: &url::Url, db: i64) -> RedisConnectionInfo {
     let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().to_string();
     let username = Some(decode(url.username())).filter(|u| !u.is_empty());
     let password = url.password().map(decode);
-    Ok(RedisConnectionInfo { db, username, password, ..RedisConnectionInfo::default() })
+    RedisConnectionInfo { db, username, password, ..RedisConnectionInfo::default() }
 }
 
 /// The query keys celeriac reads.
