@@ -6,6 +6,9 @@ use std::time::{Duration, Instant};
 
 /// The name the sentinels monitor the primary under.
 pub const MASTER_NAME: &str = "mymaster";
+/// The sentinels' own password (`requirepass`), which clients give as kombu's
+/// `sentinel_kwargs = {"password": ...}`.
+pub const SENTINEL_PASSWORD: &str = "sentinel-pw";
 
 /// The servers.
 pub struct SentinelFleet {
@@ -39,6 +42,7 @@ impl SentinelFleet {
                 &conf,
                 format!(
                     "port {port}\nbind 127.0.0.1\ndir {}\n\
+                     requirepass {SENTINEL_PASSWORD}\nsentinel sentinel-pass {SENTINEL_PASSWORD}\n\
                      sentinel monitor {MASTER_NAME} 127.0.0.1 {} 2\n\
                      sentinel down-after-milliseconds {MASTER_NAME} 2000\n\
                      sentinel failover-timeout {MASTER_NAME} 10000\n\
@@ -94,11 +98,14 @@ impl SentinelFleet {
         let mut s = sentinel(self.sentinel_ports[0]);
         let _: () = redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME).query(&mut s).unwrap();
         let after = if before == self.first.port { self.second.port } else { self.first.port };
-        self.wait_until("every sentinel names the new primary", |f| {
-            f.sentinel_ports
-                .iter()
-                .all(|p| field(&master_fields(*p), "port") == Some(&after.to_string()))
-                && role(after) == "master"
+        // The clients ask for min_other_sentinels = 2, so the failover counts as over only
+        // when every sentinel sees the other two beside the new master.
+        self.wait_until("every sentinel names the new primary and sees the other two", |f| {
+            f.sentinel_ports.iter().all(|p| {
+                let m = master_fields(*p);
+                field(&m, "port") == Some(&after.to_string())
+                    && field(&m, "num-other-sentinels") == Some("2")
+            }) && role(after) == "master"
         });
         after
     }
@@ -131,14 +138,16 @@ pub fn role(port: u16) -> String {
     }
 }
 
+fn sentinel_url(port: u16) -> String {
+    format!("redis://:{SENTINEL_PASSWORD}@127.0.0.1:{port}")
+}
+
 fn sentinel(port: u16) -> redis::Connection {
-    redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap().get_connection().unwrap()
+    redis::Client::open(sentinel_url(port)).unwrap().get_connection().unwrap()
 }
 
 fn master_fields(port: u16) -> Vec<String> {
-    let Ok(mut s) =
-        redis::Client::open(format!("redis://127.0.0.1:{port}")).and_then(|c| c.get_connection())
-    else {
+    let Ok(mut s) = redis::Client::open(sentinel_url(port)).and_then(|c| c.get_connection()) else {
         return Vec::new();
     };
     redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME).query(&mut s).unwrap_or_default()

@@ -4,7 +4,7 @@
 //! same URL must read them.
 
 use crate::interop::celery_client;
-use celeriac_tests::sentinel::{MASTER_NAME, SentinelFleet};
+use celeriac_tests::sentinel::{MASTER_NAME, SENTINEL_PASSWORD, SentinelFleet};
 use celeriac_tests::{Reaped, celeriac_binary, repo_root, test_cache_dir};
 use serde_json::{Value, json};
 use std::process::{Command, Stdio};
@@ -15,7 +15,14 @@ const TASKS: usize = 300;
 #[test]
 fn a_worker_follows_a_sentinel_failover_and_every_task_ends_with_its_result() {
     let mut fleet = SentinelFleet::start();
-    let options = json!({"master_name": MASTER_NAME}).to_string();
+    // The sentinels have a password of their own, and each watches two others: kombu's
+    // sentinel_kwargs and min_other_sentinels, used for real.
+    let options = json!({
+        "master_name": MASTER_NAME,
+        "sentinel_kwargs": {"password": SENTINEL_PASSWORD},
+        "min_other_sentinels": 2,
+    })
+    .to_string();
     let env = [
         ("CELERY_BROKER_URL", fleet.url(0)),
         ("CELERY_RESULT_BACKEND", fleet.url(1)),
@@ -74,6 +81,15 @@ fn a_worker_follows_a_sentinel_failover_and_every_task_ends_with_its_result() {
     let at = chrono::DateTime::parse_from_rfc3339(line.split_whitespace().next().unwrap()).unwrap();
     let carried_on = (at.with_timezone(&chrono::Utc) - failed_over).to_std().unwrap_or_default();
     assert!(carried_on < Duration::from_secs(10), "took {carried_on:?}\n{text}");
+    // Remote control reaches the worker on the new primary: its pidbox subscription moved too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = celery_client(&env, &["ping"], None);
+        if got["replies"].as_array().is_some_and(|r| r.len() == 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no ping reply after the failover: {got}");
+    }
 
     // Every task of the run ends with its result, read by Python through Sentinel.
     let got = celery_client(&env, &["collect", "60"], Some(serde_json::to_string(&ids).unwrap()));

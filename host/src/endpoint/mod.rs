@@ -264,6 +264,43 @@ struct Shared {
     index: Mutex<usize>,
     /// Serialises the search for a new primary.
     switching: tokio::sync::Mutex<Option<Instant>>,
+    /// For a Sentinel endpoint, the master as every connection of this process to the same
+    /// sentinels and master name last found it, and which of its changes this one followed.
+    view: Option<(Arc<MasterView>, std::sync::atomic::AtomicU64)>,
+}
+
+/// The master of one Sentinel-monitored name, shared by every connection of the process that
+/// follows it. The broker's and the result backend's connections (two databases, so two
+/// connections) must move together: a result written to the old master after the ack went to
+/// the new one would be lost for good.
+#[derive(Default)]
+struct MasterView {
+    /// Bumped whenever a connection finds the master at another address.
+    changes: std::sync::atomic::AtomicU64,
+    address: Mutex<String>,
+}
+
+impl MasterView {
+    /// The view for `spec`'s sentinels and master name.
+    fn of(spec: &urls::SentinelSpec) -> Arc<MasterView> {
+        static VIEWS: std::sync::LazyLock<
+            Mutex<std::collections::HashMap<String, Arc<MasterView>>>,
+        > = std::sync::LazyLock::new(Default::default);
+        let sentinels: Vec<String> = spec.sentinels.iter().map(|n| address(&n.info)).collect();
+        let key = format!("{}@{}", spec.master_name, sentinels.join(","));
+        VIEWS.lock().expect("views lock").entry(key).or_default().clone()
+    }
+
+    /// Records that the master is at `address`; returns the change count now.
+    fn found(&self, address: &str) -> u64 {
+        use std::sync::atomic::Ordering;
+        let mut current = self.address.lock().expect("view lock");
+        if *current != address {
+            *current = address.to_string();
+            return self.changes.fetch_add(1, Ordering::SeqCst) + 1;
+        }
+        self.changes.load(Ordering::SeqCst)
+    }
 }
 
 impl std::fmt::Debug for Conn {
@@ -285,12 +322,21 @@ impl Conn {
             .await
             .map_err(|e| endpoint.explain(e))
             .with_context(|| format!("connect to Redis at {shown}"))?;
+        let view = match endpoint.target() {
+            Target::Sentinel(spec) => {
+                let view = MasterView::of(spec);
+                let seen = view.found(&address);
+                Some((view, std::sync::atomic::AtomicU64::new(seen)))
+            }
+            Target::Direct(_) => None,
+        };
         let shared = Arc::new(Shared {
             endpoint: endpoint.clone(),
             current: RwLock::new((0, conn)),
             address: Mutex::new(address),
             index: Mutex::new(index),
             switching: tokio::sync::Mutex::new(None),
+            view,
         });
         if let Target::Sentinel(spec) = endpoint.target() {
             tokio::spawn(watch(Arc::downgrade(&shared), spec.clone()));
@@ -305,6 +351,20 @@ impl Conn {
 
     fn current(&self) -> (u64, ConnectionManager) {
         self.shared.current.read().expect("connection lock").clone()
+    }
+
+    /// The connection to send on, after following a new master that another connection of the
+    /// process found (one atomic read unless there is one).
+    async fn followed(&self) -> (u64, ConnectionManager) {
+        use std::sync::atomic::Ordering;
+        let current = self.current();
+        if let Some((view, seen)) = &self.shared.view
+            && view.changes.load(Ordering::SeqCst) != seen.load(Ordering::SeqCst)
+        {
+            self.recover(current.0, &"another connection found a new master").await;
+            return self.current();
+        }
+        current
     }
 
     /// After `err` on connection number `generation`: finds the primary again and swaps it in,
@@ -328,6 +388,9 @@ impl Conn {
         match tokio::time::timeout(CONNECT_TIMEOUT * 2, found).await {
             Ok(Ok((index, address, conn))) => {
                 *shared.index.lock().expect("index lock") = index;
+                if let Some((view, seen)) = &shared.view {
+                    seen.store(view.found(&address), std::sync::atomic::Ordering::SeqCst);
+                }
                 *shared.address.lock().expect("address lock") = address;
                 *shared.current.write().expect("connection lock") = (generation + 1, conn);
                 info!(endpoint = %shared.endpoint.shown(), "reconnected to the primary after: {err}");
@@ -367,7 +430,7 @@ async fn watch(shared: std::sync::Weak<Shared>, spec: urls::SentinelSpec) {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let (generation, mut conn) = self.current();
+            let (generation, mut conn) = self.followed().await;
             let result = conn.req_packed_command(cmd).await;
             match result {
                 Err(e) if self.shared.endpoint.follows_failover(&e) => {
@@ -388,7 +451,7 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let (generation, mut conn) = self.current();
+            let (generation, mut conn) = self.followed().await;
             let result = conn.req_packed_commands(cmd, offset, count).await;
             match result {
                 Err(e) if self.shared.endpoint.follows_failover(&e) => {
