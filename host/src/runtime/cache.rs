@@ -55,16 +55,30 @@ pub fn load(
         }
     }
     let component = Component::new(engine, wasm).map_err(anyhow::Error::from)?;
+    if let Err(e) = store(dir, &path, &component) {
+        // The component is compiled and good; only the next start will compile it again.
+        tracing::warn!("could not write the module cache: {e:#}");
+    }
+    Ok((component, Compiled::Fresh))
+}
+
+/// Writes `component` to `path` in the cache folder `dir`.
+fn store(dir: &Path, path: &Path, component: &Component) -> anyhow::Result<()> {
     // Created writable by celeriac's user alone, whatever the umask, so `trusted` accepts them.
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    use std::sync::atomic::{AtomicU64, Ordering};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(dir)
         .with_context(|| format!("create module cache folder {}", dir.display()))?;
     let bytes = component.serialize().map_err(anyhow::Error::from)?;
-    // Write then rename, so a concurrent reader never sees half a file.
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Write then rename, so a concurrent reader never sees half a file. The temporary name is
+    // this writer's alone: two loads of one component at once (two workers on the machine, or
+    // two registries in one process) each write their own and the last rename wins.
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     let write = |tmp: &Path| -> std::io::Result<()> {
         use std::io::Write as _;
         let mut file = std::fs::OpenOptions::new()
@@ -76,8 +90,7 @@ pub fn load(
         file.write_all(&bytes)
     };
     write(&tmp).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))?;
-    Ok((component, Compiled::Fresh))
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))
 }
 
 /// Checks that `path`, if it exists, can only have been written by this user (or root): it is
