@@ -1151,7 +1151,19 @@ async fn modules_check(config: &Config) -> anyhow::Result<i32> {
                 format!("compiled; cache refused: {why}")
             }
         };
-        println!("{} version {} ({from})", module.path.display(), module.version);
+        // What a deploy needs to know before the first task: the language (so the interpreted
+        // defaults are expected), the file's size, and how long this host took to compile it
+        // (run `modules check` at deploy time and the workers load it from the cache).
+        let f = &module.footprint;
+        println!(
+            "{} version {} ({from} in {:.1?}) {}, {:.1} MB, {} core instances",
+            module.path.display(),
+            module.version,
+            module.compile_time,
+            f.language,
+            module.size as f64 / 1e6,
+            f.core_instances
+        );
         for entry in registry.tasks().filter(|e| e.module.path == module.path) {
             let s = &entry.spec;
             let soft = s.limits.soft_time_limit.map(|d| format!("{d:?}")).unwrap_or("-".into());

@@ -648,19 +648,39 @@ impl Config {
     }
 
     /// The settings for `name` served by `module`, resolved through every layer.
+    ///
+    /// A task of an interpreted component (Python, JavaScript) has defaults of its own, above
+    /// `[defaults]` (which are tuned for Rust tasks) and below everything said about the task
+    /// itself: a memory cap of [`INTERPRETED_MEMORY`], and no fuel, since an interpreter burns
+    /// through a budget tuned for Rust tasks. Such a task is metered only when its own settings
+    /// or `describe` ask for fuel; `[overrides]` still caps it like any task.
     pub fn resolve(
         &self,
         name: &str,
         module: &str,
         info: &TaskInfo,
+        interpreted: bool,
     ) -> Result<TaskSpec, ConfigError> {
         let described = TaskSettings::from_describe(info);
         let empty = TaskSettings::default();
         let task = self.tasks.get(name).unwrap_or(&empty);
         let routed =
             TaskSettings { queue: self.route(name).map(String::from), ..TaskSettings::default() };
-        let layers =
-            [&builtin_settings(), &self.defaults, &described, &routed, task, &self.overrides];
+        let mut defaults = self.defaults.clone();
+        let mut component = TaskSettings::default();
+        if interpreted {
+            component.memory = Some(ByteSize(INTERPRETED_MEMORY));
+            defaults.fuel = None;
+        }
+        let layers = [
+            &builtin_settings(),
+            &defaults,
+            &component,
+            &described,
+            &routed,
+            task,
+            &self.overrides,
+        ];
         let mut s = layers.iter().fold(TaskSettings::default(), |acc, layer| acc.overlay(layer));
         // A soft limit at or past the hard limit can never fire. When a stronger layer shortened
         // the hard limit (`celeriac run --hard-time-limit 1s` under a file's 50s soft limit), the
@@ -724,6 +744,11 @@ impl Config {
         })
     }
 }
+
+/// The memory cap an interpreted component's task gets when nothing else sets one: CPython
+/// starts from a 12 MiB heap image and SpiderMonkey from 9 MiB, so the built-in 128 MiB would
+/// leave a Python task less room than a Rust one.
+pub const INTERPRETED_MEMORY: u64 = 256 << 20;
 
 /// celeriac's own defaults, the weakest layer. Grants are all off: a task gets nothing it was
 /// not given.

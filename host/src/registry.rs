@@ -3,7 +3,10 @@
 //! twice or a configured task that nobody serves stops startup with a clear message.
 
 use crate::config::{Config, ConfigError, TaskSpec};
-use crate::runtime::{Invocation, Module, RunEnv, RunReport, Runtime, RuntimeConfig, TaskInfo};
+use crate::runtime::{
+    Footprint, Invocation, Module, RunEnv, RunReport, Runtime, RuntimeConfig, TaskInfo,
+};
+use anyhow::Context as _;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -42,7 +45,15 @@ impl Registry {
     /// Builds the runtime for `config`, loads every module in its modules folder and resolves each
     /// task. `max_instances` is the most tasks that will run at once.
     pub async fn load(config: &Config, max_instances: u32) -> anyhow::Result<Registry> {
-        let mut runtime_config = runtime_config(config, max_instances);
+        Self::load_fitting(config, runtime_config(config, max_instances)).await
+    }
+
+    /// Loads every module into an engine built for `runtime_config`, or into a bigger one when
+    /// the tasks turn out to need it.
+    async fn load_fitting(
+        config: &Config,
+        mut runtime_config: RuntimeConfig,
+    ) -> anyhow::Result<Registry> {
         let registry = Self::load_with(config, runtime_config.clone()).await?;
         // A component's own `describe` may ask for fuel or a bigger memory than the engine was
         // built for; that is only known after loading, so build once more to fit.
@@ -67,18 +78,28 @@ impl Registry {
     /// last good version, if this registry has one, goes on serving. An error means the new
     /// registry as a whole would not work (a task served twice, a configured task nobody
     /// serves, a bad setting); this one then stays. `max_instances` sizes a new engine, needed
-    /// only when the tasks now ask for fuel or more memory than this engine was built for.
+    /// only when the tasks now ask for fuel or more memory than this engine was built for, or
+    /// a new component takes more from the pool per instance.
     pub async fn reload(
         &self,
         config: &Config,
         max_instances: u32,
     ) -> anyhow::Result<(Registry, Vec<String>)> {
-        let mut paths: Vec<std::path::PathBuf> = std::fs::read_dir(&config.modules)
-            .map_err(|e| anyhow::anyhow!("read modules folder {}: {e}", config.modules.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
-            .collect();
+        let mut paths = wasm_files(&config.modules)?;
         paths.sort();
+        let wanted = runtime_config(config, max_instances);
+        let engine = self.runtime.config();
+        if !engine.footprint.covers(&wanted.footprint) {
+            // Modules belong to the engine that compiled them, so a last good version cannot
+            // serve on a new engine: every module must load, or this registry stays whole.
+            let mut bigger = wanted;
+            bigger.fuel |= engine.fuel;
+            bigger.max_memory = bigger.max_memory.max(engine.max_memory);
+            let registry = Self::load_fitting(config, bigger).await.context(
+                "a new module needs a bigger instance pool; keeping the current modules",
+            )?;
+            return Ok((registry, Vec::new()));
+        }
         let mut modules = Vec::with_capacity(paths.len());
         let mut refused = Vec::new();
         for path in paths {
@@ -103,8 +124,6 @@ impl Registry {
             }
         }
         let registry = Self::resolve(config, self.runtime.clone(), modules)?;
-        let wanted = runtime_config(config, max_instances);
-        let engine = self.runtime.config();
         let grown = (wanted.fuel && !engine.fuel) || wanted.max_memory > engine.max_memory;
         if !grown && registry.fits() {
             return Ok((registry, refused));
@@ -114,6 +133,7 @@ impl Registry {
         let mut bigger = wanted;
         bigger.fuel |= engine.fuel || registry.needs_fuel();
         bigger.max_memory = bigger.max_memory.max(engine.max_memory).max(registry.max_memory());
+        bigger.footprint = bigger.footprint.max(&engine.footprint);
         let runtime = Arc::new(Runtime::new(bigger)?);
         let mut modules = Vec::with_capacity(registry.modules.len());
         for module in &registry.modules {
@@ -165,7 +185,8 @@ impl Registry {
                     ));
                     continue;
                 }
-                match config.resolve(&info.name, &module.name, info) {
+                let interpreted = module.footprint.language.is_interpreted();
+                match config.resolve(&info.name, &module.name, info, interpreted) {
                     Ok(spec) => {
                         let entry = Entry { module: module.clone(), info: info.clone(), spec };
                         tasks.insert(info.name.clone(), entry);
@@ -223,7 +244,28 @@ impl Registry {
     }
 }
 
-/// The engine `config` asks for, with room for `max_instances` tasks at once.
+/// The `*.wasm` files of the modules folder.
+fn wasm_files(dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    Ok(std::fs::read_dir(dir)
+        .with_context(|| format!("read modules folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+        .collect())
+}
+
+/// The most any component in `dir` takes from the pool per instance. A file that cannot be read
+/// or parsed counts for nothing here: loading it reports why.
+fn folder_footprint(dir: &std::path::Path) -> Footprint {
+    let files = wasm_files(dir).unwrap_or_default();
+    files
+        .iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .filter_map(|wasm| crate::runtime::footprint(&wasm).ok())
+        .fold(Footprint::RUST, |all, one| all.max(&one))
+}
+
+/// The engine `config` asks for, with room for `max_instances` tasks at once of the largest
+/// component in its modules folder.
 fn runtime_config(config: &Config, max_instances: u32) -> RuntimeConfig {
     let layers = std::iter::once(&config.defaults)
         .chain(config.tasks.values())
@@ -231,6 +273,7 @@ fn runtime_config(config: &Config, max_instances: u32) -> RuntimeConfig {
     let mut runtime_config = RuntimeConfig {
         max_instances: max_instances.max(1) + 2,
         cache_dir: config.cache.clone(),
+        footprint: folder_footprint(&config.modules),
         ..RuntimeConfig::default()
     };
     for layer in layers {

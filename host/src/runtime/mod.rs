@@ -3,12 +3,14 @@
 //! under its limits and classifies how it ended.
 
 mod cache;
+mod footprint;
 mod host;
 mod limits;
 mod outcome;
 mod output;
 
 pub use cache::{Compiled, cache_key};
+pub use footprint::{Footprint, Language, footprint};
 pub use host::{
     LOG_BURST, LOG_PER_SECOND, MAX_CHILD_PAYLOAD, MAX_CHILDREN, MAX_CHILDREN_BYTES, MAX_TASK_NAME,
     TaskState, glob_match, printable,
@@ -126,6 +128,9 @@ pub struct RuntimeConfig {
     pub fuel: bool,
     /// Where compiled components are cached; `None` compiles every time.
     pub cache_dir: Option<PathBuf>,
+    /// The most any one loaded component takes from the pool per instance (see
+    /// [`footprint()`]); every total is this times `max_instances`.
+    pub footprint: Footprint,
 }
 
 impl Default for RuntimeConfig {
@@ -135,6 +140,7 @@ impl Default for RuntimeConfig {
             max_memory: Limits::default().memory,
             fuel: false,
             cache_dir: default_cache_dir(),
+            footprint: Footprint::RUST,
         }
     }
 }
@@ -168,6 +174,12 @@ pub struct Module {
     pub compiled: Compiled,
     /// The file's content hash (see [`module_version`]): a changed file is a new version.
     pub version: Arc<str>,
+    /// What one instance takes from the pool, and the language it was written in.
+    pub footprint: Footprint,
+    /// How long compiling (or loading from the cache) took.
+    pub compile_time: Duration,
+    /// The file's size in bytes.
+    pub size: u64,
     pre: TaskPre<TaskState>,
 }
 
@@ -226,7 +238,8 @@ impl Drop for Runtime {
 
 impl Runtime {
     /// Builds the engine (pooling allocator, epoch interruption, async) and the linker.
-    pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
+    pub fn new(mut config: RuntimeConfig) -> anyhow::Result<Self> {
+        config.footprint = config.footprint.max(&Footprint::RUST);
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)
             .epoch_interruption(true)
@@ -235,17 +248,21 @@ impl Runtime {
             .async_stack_size(limits::ASYNC_STACK);
         let memory_slot = config.max_memory.next_multiple_of(64 << 10);
         let mut pool = PoolingAllocationConfig::default();
-        // A Rust component has a few core instances (the program and wit-component's shims) but
-        // one memory and one table; size each total for that, times the slots.
-        pool.total_component_instances(config.max_instances)
-            .total_core_instances(config.max_instances * 4)
-            .total_memories(config.max_instances * 2)
-            .total_tables(config.max_instances * 4)
-            .total_stacks(config.max_instances)
+        // Every total is what the largest loaded component takes per instance, times the
+        // slots: a Rust task makes 3 core instances, a componentize-py one 14. A pool sized
+        // for the first would run one Python task at a time and fail the rest.
+        let per = &config.footprint;
+        let slots = config.max_instances;
+        pool.total_component_instances(slots)
+            .total_core_instances(slots.saturating_mul(per.core_instances))
+            .total_memories(slots.saturating_mul(per.memories))
+            .total_tables(slots.saturating_mul(per.tables))
+            .total_stacks(slots)
+            .max_core_instances_per_component(per.core_instances)
             .max_memory_size(memory_slot as usize)
-            .max_memories_per_component(2)
-            .max_tables_per_component(4)
-            .linear_memory_keep_resident(limits::KEEP_RESIDENT)
+            .max_memories_per_component(per.memories)
+            .max_tables_per_component(per.tables)
+            .linear_memory_keep_resident(limits::keep_resident(per.initial_memory))
             .table_keep_resident(limits::KEEP_RESIDENT);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = wt(Engine::new(&wasm)).context("create wasmtime engine")?;
@@ -311,14 +328,30 @@ impl Runtime {
     /// errors.
     pub async fn load_bytes(&self, path: &Path, wasm: &[u8]) -> anyhow::Result<Module> {
         let shown = path.display();
+        let footprint = footprint::footprint(wasm)
+            .with_context(|| format!("{shown}: not a valid WebAssembly component"))?;
+        if !self.config.footprint.covers(&footprint) {
+            anyhow::bail!(
+                "{shown}: needs {} core instances, {} memories and {} tables per instance; this \
+                 engine was sized for {}, {} and {}",
+                footprint.core_instances,
+                footprint.memories,
+                footprint.tables,
+                self.config.footprint.core_instances,
+                self.config.footprint.memories,
+                self.config.footprint.tables
+            );
+        }
         let engine = self.engine.clone();
         let cache_dir = self.config.cache_dir.clone();
         let bytes = wasm.to_vec();
+        let started = Instant::now();
         // Compiling takes long enough to stall other tasks on this thread.
         let (component, compiled) =
             tokio::task::spawn_blocking(move || cache::load(&engine, &bytes, cache_dir.as_deref()))
                 .await?
                 .with_context(|| format!("{shown}: not a valid WebAssembly component"))?;
+        let compile_time = started.elapsed();
         let instance_pre = wt(self.linker.instantiate_pre(&component)).with_context(|| {
             format!("{shown}: imports something celeriac does not provide (is it built with celeriac-sdk for wasm32-wasip2?)")
         })?;
@@ -327,8 +360,17 @@ impl Runtime {
         })?;
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let version = module_version(wasm).into();
-        let mut module =
-            Module { path: path.to_path_buf(), name, tasks: Vec::new(), compiled, version, pre };
+        let mut module = Module {
+            path: path.to_path_buf(),
+            name,
+            tasks: Vec::new(),
+            compiled,
+            version,
+            footprint,
+            compile_time,
+            size: wasm.len() as u64,
+            pre,
+        };
         module.tasks =
             self.describe(&module).await.with_context(|| format!("{shown}: describe"))?;
         if module.tasks.is_empty() {
@@ -347,7 +389,7 @@ impl Runtime {
             &limits,
             "describe",
             "describe",
-            Grants::default(),
+            Arc::new(Grants::default()),
             RunEnv::default(),
             None,
         )?;
@@ -366,7 +408,7 @@ impl Runtime {
         limits: &Limits,
         id: &str,
         name: &str,
-        grants: Grants,
+        grants: Arc<Grants>,
         env: RunEnv,
         output: Option<&OutputTail>,
     ) -> anyhow::Result<Store<TaskState>> {
@@ -398,7 +440,7 @@ impl Runtime {
             task: TaskContext {
                 id: id.to_string(),
                 name: name.to_string(),
-                grants: Arc::new(grants),
+                grants,
                 kv: env.kv,
                 signals: env.signals,
                 soft_deadline: limits.soft_time_limit.map(|d| deadline(now, d)),
@@ -455,20 +497,6 @@ impl Runtime {
             output: String::new(),
             module_version: Some(module.version.clone()),
         };
-        let mut store = match self.store(
-            limits,
-            &invocation.id,
-            &invocation.task,
-            grants,
-            env,
-            Some(&output),
-        ) {
-            Ok(store) => store,
-            Err(e) => {
-                report.outcome = Outcome::HostError { message: format!("{e:#}") };
-                return report;
-            }
-        };
         let call = Call {
             id: invocation.id.clone(),
             args: invocation.args.clone(),
@@ -476,29 +504,70 @@ impl Runtime {
             retries: invocation.retries,
             soft_deadline_ms: limits.soft_time_limit.map(|d| d.as_millis() as u64),
         };
-        let terminated = store.data().task.signals.0.terminate.clone();
-        let mut instantiated = None;
-        let result = {
-            let run = async {
-                let task = match module.pre.instantiate_async(&mut store).await {
-                    Ok(task) => task,
-                    Err(e) => return Err(Err(e)),
-                };
-                instantiated = Some(started.elapsed());
-                task.call_run(&mut store, &invocation.task, &call).await.map_err(Ok)
+        // A guest blocked in a host call (a sleep, a slow store; a start function can make one
+        // while it is instantiated) is not at an epoch check; this outer timeout catches it.
+        let outer = limits.hard_time_limit.saturating_add(limits::HARD_LIMIT_GRACE);
+        let terminated = env.signals.0.terminate.clone();
+        // A full pool is back-pressure, not the task's failure: wait for an instance to end,
+        // each time in a fresh store (a failed instantiation may hold part of the pool until
+        // its store is dropped), and hand the task back if none frees up.
+        let mut waited = Duration::ZERO;
+        // Shared, so a run that waits for the pool builds its next store without a deep copy.
+        let grants = Arc::new(grants);
+        let (mut store, task) = loop {
+            let mut store = match self.store(
+                limits,
+                &invocation.id,
+                &invocation.task,
+                grants.clone(),
+                env.clone(),
+                Some(&output),
+            ) {
+                Ok(store) => store,
+                Err(e) => {
+                    report.outcome = Outcome::HostError { message: format!("{e:#}") };
+                    return report;
+                }
             };
-            // A guest blocked in a host call (a sleep, a slow store) is not at an epoch check;
-            // this outer timeout catches it.
-            let outer = limits.hard_time_limit.saturating_add(limits::HARD_LIMIT_GRACE);
+            let instantiated = tokio::select! {
+                result = tokio::time::timeout(outer, module.pre.instantiate_async(&mut store)) => result,
+                _ = terminated.cancelled() => Ok(Err(Interrupt::Terminated.into())),
+            };
+            let error = match instantiated {
+                Ok(Ok(task)) => break (store, task),
+                Ok(Err(e)) => e,
+                Err(_elapsed) => Interrupt::HardLimit.into(),
+            };
+            report.wall = started.elapsed();
+            report.outcome = match error.downcast_ref::<Interrupt>() {
+                Some(Interrupt::Terminated) => Outcome::Terminated,
+                Some(Interrupt::HardLimit) => {
+                    Outcome::HardTimeLimit { limit: limits.hard_time_limit }
+                }
+                None if error.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() => {
+                    if waited < limits::POOL_WAIT {
+                        drop(store);
+                        tokio::time::sleep(limits::POOL_RETRY).await;
+                        waited += limits::POOL_RETRY;
+                        continue;
+                    }
+                    Outcome::PoolExhausted { message: format!("{error:#}") }
+                }
+                None => Outcome::HostError { message: format!("instantiate: {error:#}") },
+            };
+            return report;
+        };
+        report.instantiate = Some(started.elapsed());
+        let result = {
+            let run = task.call_run(&mut store, &invocation.task, &call);
             tokio::select! {
                 result = tokio::time::timeout(outer, run) => result,
                 // Dropping the call abandons the instance wherever it is; the store is thrown
                 // away below in any case.
-                _ = terminated.cancelled() => Ok(Err(Ok(Interrupt::Terminated.into()))),
+                _ = terminated.cancelled() => Ok(Err(Interrupt::Terminated.into())),
             }
         };
         report.wall = started.elapsed();
-        report.instantiate = instantiated;
         report.peak_memory = store.data().limiter.peak;
         if self.config.fuel && limits.fuel.is_some() {
             let left = store.get_fuel().unwrap_or(0);
@@ -523,10 +592,12 @@ impl Runtime {
             // epoch check stops it; either way it was terminated.
             Ok(Ok(Err(_)) | Err(_)) if terminated => Outcome::Terminated,
             Err(_elapsed) => Outcome::HardTimeLimit { limit: limits.hard_time_limit },
-            Ok(Err(Err(instantiate))) => {
-                Outcome::HostError { message: format!("instantiate: {instantiate:#}") }
+            Ok(Err(trap)) => classify_trap(trap, limits, memory_hit, &report.output),
+            // An interpreter that could not grow its heap raises its own MemoryError, which
+            // the SDKs report as a failure: the cap is what it hit.
+            Ok(Ok(Err(TaskError::Fail(f)))) if memory_hit && f.exc_type == "MemoryError" => {
+                Outcome::MemoryLimit { limit: limits.memory }
             }
-            Ok(Err(Ok(trap))) => classify_trap(trap, limits, memory_hit, &report.output),
             Ok(Ok(Ok(json))) => check_result(json, limits.max_result),
             // The task's own error text is capped: it is stored twice in the result, put in the
             // dead letter and logged, and a task could make it as large as its memory.

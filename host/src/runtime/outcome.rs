@@ -83,6 +83,12 @@ pub enum Outcome {
         /// The cap.
         limit: usize,
     },
+    /// The instance pool stayed full for [`POOL_WAIT`](super::limits::POOL_WAIT): the task
+    /// never started, and goes back to its queue without spending a retry.
+    PoolExhausted {
+        /// wasmtime's account of what ran out.
+        message: String,
+    },
     /// The host failed: the module could not be instantiated, a store was unreachable, the guest
     /// returned something that is not JSON. Not the task's fault.
     HostError {
@@ -105,6 +111,7 @@ impl Outcome {
             Outcome::Terminated => "terminated",
             Outcome::Trap { .. } => "trap",
             Outcome::ResultTooLarge { .. } => "result_too_large",
+            Outcome::PoolExhausted { .. } => "pool_exhausted",
             Outcome::HostError { .. } => "host_error",
         }
     }
@@ -137,6 +144,7 @@ impl Outcome {
             Outcome::ResultTooLarge { size, limit } => {
                 ("ResultTooLarge", format!("result of {size} bytes exceeds the cap of {limit}"))
             }
+            Outcome::PoolExhausted { message } => ("PoolExhausted", message.clone()),
             Outcome::HostError { message } => ("HostError", message.clone()),
         };
         Some((t.to_string(), m))

@@ -705,6 +705,11 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
                 }
                 None => run.await,
             };
+            if let Outcome::PoolExhausted { message } = &report.outcome {
+                // The task never started: it goes back to its queue with its retries intact.
+                warn!(queue = %printable(&d.queue), "no room in the instance pool ({message}); task handed back to its queue");
+                return Disposition::Requeue;
+            }
             if report.outcome == Outcome::Terminated && shutdown.is_cancelled() {
                 // Stopped because the worker is going away: hand it back, do not fail it.
                 info!(queue = %printable(&d.queue), "task stopped by the shutdown; handed back to its queue");
