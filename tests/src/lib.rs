@@ -25,6 +25,7 @@ pub fn runtime(fuel: bool) -> Arc<Runtime> {
             max_memory: 256 << 20,
             fuel,
             cache_dir: Some(test_cache_dir()),
+            ..RuntimeConfig::default()
         })
         .expect("build runtime"),
     )

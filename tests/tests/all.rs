@@ -10,6 +10,7 @@ mod faults;
 mod hardening;
 mod http_api;
 mod interop;
+mod languages;
 mod monitoring;
 mod postgres;
 mod production_redis;
