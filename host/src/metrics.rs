@@ -148,7 +148,7 @@ impl Metrics {
         )?;
         let reconnects = prometheus::IntCounter::new(
             "broker_reconnects_total",
-            "Times the worker's fetching resumed after Redis did not answer",
+            "Times the worker's broker connection was made again after Redis went away or moved",
         )?;
         let memory_peak = HistogramVec::new(
             HistogramOpts::new("task_memory_peak_bytes", "Largest linear memory a run asked for")

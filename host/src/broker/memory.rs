@@ -157,6 +157,11 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    async fn mark_connection(&self, _name: &str) -> BrokerResult<bool> {
+        // In memory there is no connection to lose.
+        Ok(false)
+    }
+
     async fn send(&self, items: &[FollowUp]) -> BrokerResult<()> {
         let mut st = self.lock();
         items.iter().for_each(|f| st.apply(f));

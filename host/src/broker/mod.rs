@@ -194,6 +194,12 @@ pub trait Broker: Clone + Send + Sync + 'static {
     /// Checks that the broker answers (a round trip that touches no data).
     fn ping(&self) -> impl Future<Output = BrokerResult<()>> + Send;
 
+    /// Names the connection the broker sends on `name`, and says whether it was a new one: a
+    /// connection made again after Redis went away (or moved) has lost the name. One round trip
+    /// that touches no data; the worker asks every maintenance round to count reconnects, which
+    /// the connection's own retries would otherwise hide.
+    fn mark_connection(&self, name: &str) -> impl Future<Output = BrokerResult<bool>> + Send;
+
     /// Applies follow-ups without an ack (producers: publish, schedule).
     fn send(&self, items: &[FollowUp]) -> impl Future<Output = BrokerResult<()>> + Send;
 

@@ -763,6 +763,17 @@ impl Broker for RedisBroker {
         Ok(redis::cmd("PING").query_async(&mut self.conn.clone()).await?)
     }
 
+    async fn mark_connection(&self, name: &str) -> BrokerResult<bool> {
+        // Pipelined, so both go down the same connection: the name read is the one this
+        // connection had, and a new one gets the name at once. Names may not hold spaces.
+        let name: String =
+            name.chars().map(|c| if c.is_ascii_graphic() { c } else { '_' }).collect();
+        let mut pipe = redis::pipe();
+        pipe.cmd("CLIENT").arg("GETNAME").cmd("CLIENT").arg("SETNAME").arg(&name).ignore();
+        let (previous,): (Option<String>,) = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(previous.as_deref() != Some(name.as_str()))
+    }
+
     async fn send(&self, items: &[FollowUp]) -> BrokerResult<()> {
         let mut pipe = redis::pipe();
         for f in items {

@@ -100,7 +100,7 @@ pub struct Stats {
     pub fetches: AtomicU64,
     /// Messages fetched.
     pub fetched: AtomicU64,
-    /// Times fetching resumed after Redis did not answer.
+    /// Times the broker connection was made again (Redis went away, or a failover moved it).
     pub reconnects: AtomicU64,
 }
 
@@ -473,9 +473,6 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
             self.pulse.turned(self.started);
             let deliveries = match fetched {
                 Ok(d) => {
-                    if !redis_down.is_zero() {
-                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    }
                     redis_down = Duration::ZERO;
                     d
                 }
@@ -1341,10 +1338,28 @@ impl<B: Broker, R: ResultStore> Worker<B, R> {
     /// leases of dead workers.
     async fn maintain(self: Arc<Self>, stop: CancellationToken) {
         let mut last_restore = Instant::now() - RESTORE_EVERY;
+        // The first connection is not a reconnect.
+        let (mut connected, mut refused) = (false, false);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(MAINTENANCE_TICK) => {}
+            }
+            match self.broker.mark_connection(&self.opts.hostname).await {
+                Ok(new) => {
+                    if new && connected {
+                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    connected = true;
+                }
+                // Redis away is the fetch loop's to report; a refusal (an ACL without
+                // @connection) is said once.
+                Err(crate::broker::BrokerError::Redis(e)) if e.code().is_some() => {
+                    if !std::mem::replace(&mut refused, true) {
+                        warn!("reconnects cannot be counted: Redis refused CLIENT SETNAME: {e}");
+                    }
+                }
+                Err(_) => {}
             }
             let (tags, ids): (Vec<String>, Vec<String>) =
                 self.running().iter().map(|(t, r)| (t.clone(), r.id().to_string())).unzip();
