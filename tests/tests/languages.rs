@@ -69,8 +69,8 @@ fn lang_config(modules: &Path, rust: bool) -> Config {
             );
         }
         for workflow in ["py.workflow", "js.workflow"] {
-            let add = format!("{}.add", &workflow[..2]);
-            c.tasks.insert(workflow.into(), settings(|s| s.enqueue = Some(vec![add])));
+            let steps = ["add", "total"].map(|t| format!("{}.{t}", &workflow[..2])).to_vec();
+            c.tasks.insert(workflow.into(), settings(|s| s.enqueue = Some(steps)));
         }
         for spin in ["py.spin", "js.spin"] {
             let limit = Some(HumanDuration(Duration::from_secs(1)));
@@ -279,6 +279,24 @@ async fn python_and_javascript_tasks_use_kv_enqueue_progress_and_retry_as_grante
         let last = meta["result"][1].as_str().unwrap().to_string();
         let (state, meta) = wait_state(&r, &last, 30).await;
         assert_eq!((state.as_str(), &meta["result"]), ("SUCCESS", &json!(8)), "{lang}: {meta}");
+        // A group: add(5, 1) and add(5, 2), each with its own result.
+        let id = send_task(&b, &format!("{lang}.workflow"), json!([5, "group"])).await;
+        let (state, meta) = wait_state(&r, &id, 30).await;
+        assert_eq!(state, "SUCCESS", "{lang}: {meta}");
+        let ids: Vec<String> = serde_json::from_value(meta["result"].clone()).unwrap();
+        assert_eq!(ids.len(), 2, "{lang}: {meta}");
+        for (id, want) in ids.iter().zip([6, 7]) {
+            let (state, meta) = wait_state(&r, id, 30).await;
+            assert_eq!((state.as_str(), &meta["result"]), ("SUCCESS", &json!(want)), "{lang}");
+        }
+        // A chord: that group, then total([6, 7]) once both are in.
+        let id = send_task(&b, &format!("{lang}.workflow"), json!([5, "chord"])).await;
+        let (state, meta) = wait_state(&r, &id, 30).await;
+        assert_eq!(state, "SUCCESS", "{lang}: {meta}");
+        let ids: Vec<String> = serde_json::from_value(meta["result"].clone()).unwrap();
+        assert_eq!(ids.len(), 3, "the header's ids, then the body's: {lang}: {meta}");
+        let (state, meta) = wait_state(&r, &ids[2], 30).await;
+        assert_eq!((state.as_str(), &meta["result"]), ("SUCCESS", &json!(13)), "{lang}: {meta}");
         // Retries it asks for are spent and then it succeeds.
         let id = send_task(&b, &format!("{lang}.flaky"), json!([2])).await;
         let (state, meta) = wait_state(&r, &id, 30).await;
@@ -341,6 +359,8 @@ fn celeriac_run_and_modules_check_serve_python_and_javascript_components() {
             // Not the repository's folder: its celeriac.toml configures the Rust tasks.
             .current_dir(modules.path())
             .env("CELERIAC_CACHE", celeriac_tests::test_cache_dir())
+            // Task log lines are at info; the default shows warnings only.
+            .env("CELERIAC_LOG", "info")
             .env_remove("CELERIAC_CONFIG")
             .output()
             .unwrap()
@@ -351,6 +371,22 @@ fn celeriac_run_and_modules_check_serve_python_and_javascript_components() {
     assert!(stdout.contains("result:  3"), "{stdout}");
     let out = celeriac(&["run", "js.add", "--modules", dir, "--args", "[1, 2]"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A log line of each language reaches celeriac's log when the task is granted log.
+    let grants = |l: &str| {
+        format!(
+            "[tasks.\"{l}.notes\"]\nkv = \"notes\"\nlog = true\nprogress = true\n\
+             enqueue = [\"{l}.add\"]\n"
+        )
+    };
+    let toml = ["py", "js"].map(grants);
+    std::fs::write(modules.path().join("celeriac.toml"), toml.concat()).unwrap();
+    for lang in ["py", "js"] {
+        let task = format!("{lang}.notes");
+        let out = celeriac(&["run", &task, "--modules", dir, "--args", r#"["s9", "hello there"]"#]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}{stderr}", String::from_utf8_lossy(&out.stdout));
+        assert!(stderr.contains("session s9 now has 1 notes"), "{lang}: {stderr}");
+    }
     let out = celeriac(&["modules", "check", dir]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
