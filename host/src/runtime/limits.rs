@@ -27,41 +27,51 @@ pub const HARD_LIMIT_GRACE: Duration = Duration::from_millis(100);
 /// is up to this much resident memory per pool slot.
 pub const KEEP_RESIDENT: usize = 1 << 20;
 
-/// The resident region for a pool whose largest module starts from an `image`-byte memory: at
-/// least [`KEEP_RESIDENT`], and twice the image for an interpreter, whose pre-initialised heap
-/// (12.4 MiB for componentize-py's CPython, 9.1 MiB for componentize-js's SpiderMonkey) every run
-/// reads and writes, and which grows past it in a run. Only the pages a run dirtied are reset
-/// (Linux's PAGEMAP_SCAN), so the region costs resident memory, not time. Measured with
-/// `cargo bench --bench sandbox` (no-op tasks): Python 1.92 ms a task with 1 MiB, 1.24 ms with
-/// the image, 1.11 ms with 24 MiB, 1.07 ms with 64 MiB; JavaScript 738, 367, 283 and 327 µs.
+/// The resident region for a pool whose largest module starts from an `image`-byte memory.
 ///
-/// Without PAGEMAP_SCAN (Linux before 6.7) wasmtime resets the whole region on every reuse, so
-/// there the region stays at [`KEEP_RESIDENT`].
+/// With Linux's PAGEMAP_SCAN (6.7 and later; [`PAGEMAP_SCAN`] turns it on) wasmtime resets only
+/// the pages a run wrote, and leaves the pages it only read mapped. So the region can cover an
+/// interpreter's pre-initialised heap (12.4 MiB for componentize-py's CPython, 9.1 MiB for
+/// componentize-js's SpiderMonkey) at the price of resident memory, not time. Without it,
+/// wasmtime copies the whole region back from the image on every reuse, so the region stays at
+/// [`KEEP_RESIDENT`]: copying a 12 MiB image per run cost more than the page faults it saves.
+///
+/// Measured with `cargo bench --bench sandbox` (no-op tasks, per run) on a 2-core machine:
+///
+/// | | Python | JavaScript |
+/// |---|---|---|
+/// | no scan, 1 MiB | 2.14 ms | |
+/// | no scan, 16 MiB | 4.05 ms | |
+/// | no scan, 2 × image (24 MiB) | 3.1 to 3.9 ms | 0.75 to 1.43 ms |
+/// | scan, 1 MiB | 1.69 ms | 527 µs |
+/// | scan, 4 MiB | 1.72 ms | 514 µs |
+/// | scan, 16 MiB | 1.64 ms | 523 µs |
+/// | scan, 32 MiB | 1.86 ms | 566 µs |
+/// | scan, 64 MiB | 2.22 ms | 551 µs |
+///
+/// With the scan the size matters little up to 16 MiB: wasmtime resets at most 32 runs of
+/// written pages in place and hands the rest of the memory back to the kernel, and an
+/// interpreter writes to more places than that. The image's size, capped at
+/// [`MAX_KEEP_RESIDENT`], keeps the whole heap resident when a run writes to few places.
 pub fn keep_resident(image: u64) -> usize {
-    if !dirty_pages_tracked() {
+    keep_resident_for(image, wasmtime::PoolingAllocationConfig::is_pagemap_scan_available())
+}
+
+/// [`keep_resident`], given whether the kernel has PAGEMAP_SCAN.
+fn keep_resident_for(image: u64, scan: bool) -> usize {
+    if !scan {
         return KEEP_RESIDENT;
     }
-    let wanted = usize::try_from(image).unwrap_or(usize::MAX).saturating_mul(2);
-    KEEP_RESIDENT.max(wanted.min(MAX_KEEP_RESIDENT).next_multiple_of(64 << 10))
+    let image = usize::try_from(image).unwrap_or(usize::MAX);
+    KEEP_RESIDENT.max(image.min(MAX_KEEP_RESIDENT).next_multiple_of(64 << 10))
 }
 
-/// Whether the kernel can tell wasmtime which pages a run dirtied (PAGEMAP_SCAN, Linux 6.7).
-fn dirty_pages_tracked() -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    kernel_at_least(&release, (6, 7))
-}
+/// Reset only the pages a run wrote where the kernel can say which (Linux 6.7, PAGEMAP_SCAN).
+/// wasmtime 48 leaves this off by default; with it off, a Python run cost about twice as much.
+pub const PAGEMAP_SCAN: wasmtime::Enabled = wasmtime::Enabled::Auto;
 
-/// Whether a kernel release such as `6.18.44-fc` is `min` or newer.
-fn kernel_at_least(release: &str, min: (u32, u32)) -> bool {
-    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().ok());
-    match (parts.next().flatten(), parts.next().flatten()) {
-        (Some(major), Some(minor)) => (major, minor) >= min,
-        _ => false,
-    }
-}
-
-/// The most memory per pool slot kept resident, whatever the image: 32 MiB.
-pub const MAX_KEEP_RESIDENT: usize = 32 << 20;
+/// The largest resident region, per pool slot.
+pub const MAX_KEEP_RESIDENT: usize = 16 << 20;
 
 /// Longest a run waits for room in the instance pool before its task is handed back to the
 /// queue. The pool holds every slot's instance, so it is full only for a moment (a reload's
@@ -158,22 +168,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kernel_releases_compare_by_major_then_minor() {
-        assert!(kernel_at_least("6.18.44-fc-v669\n", (6, 7)));
-        assert!(kernel_at_least("7.0.1", (6, 7)));
-        assert!(!kernel_at_least("6.1.0-28-amd64", (6, 7)));
-        assert!(!kernel_at_least("5.15.0", (6, 7)));
-        assert!(!kernel_at_least("", (6, 7)));
-    }
-
-    #[test]
     fn the_resident_region_covers_an_interpreter_heap_within_bounds() {
-        assert_eq!(keep_resident(0), KEEP_RESIDENT);
-        assert_eq!(keep_resident(1 << 40), MAX_KEEP_RESIDENT.max(KEEP_RESIDENT));
-        if dirty_pages_tracked() {
-            assert_eq!(keep_resident(12_451_840), 24_903_680);
-        } else {
-            assert_eq!(keep_resident(12_451_840), KEEP_RESIDENT);
-        }
+        assert_eq!(keep_resident_for(0, true), KEEP_RESIDENT);
+        assert_eq!(keep_resident_for(12_451_840, true), 12_451_840_usize.next_multiple_of(65_536));
+        assert_eq!(keep_resident_for(1 << 40, true), MAX_KEEP_RESIDENT);
+        assert_eq!(keep_resident_for(12_451_840, false), KEEP_RESIDENT);
     }
 }

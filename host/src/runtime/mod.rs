@@ -263,7 +263,8 @@ impl Runtime {
             .max_memories_per_component(per.memories)
             .max_tables_per_component(per.tables)
             .linear_memory_keep_resident(limits::keep_resident(per.initial_memory))
-            .table_keep_resident(limits::KEEP_RESIDENT);
+            .table_keep_resident(limits::KEEP_RESIDENT)
+            .pagemap_scan(limits::PAGEMAP_SCAN);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = wt(Engine::new(&wasm)).context("create wasmtime engine")?;
 
