@@ -54,7 +54,10 @@ pub const KEEP_RESIDENT: usize = 1 << 20;
 /// interpreter writes to more places than that. The image's size, capped at
 /// [`MAX_KEEP_RESIDENT`], keeps the whole heap resident when a run writes to few places.
 pub fn keep_resident(image: u64) -> usize {
-    keep_resident_for(image, wasmtime::PoolingAllocationConfig::is_pagemap_scan_available())
+    // Follows the engine's setting, so turning the scan off also shrinks the region.
+    let scan = PAGEMAP_SCAN != wasmtime::Enabled::No
+        && wasmtime::PoolingAllocationConfig::is_pagemap_scan_available();
+    keep_resident_for(image, scan)
 }
 
 /// [`keep_resident`], given whether the kernel has PAGEMAP_SCAN.
